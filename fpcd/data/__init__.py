@@ -1,0 +1,1 @@
+"""Data sources: toy distributions with exact answers, and (later) physics datasets."""

@@ -1,0 +1,36 @@
+"""Atomic file output: write to a temporary file in the same directory, then rename over the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` and rename the result to ``path``; a crash leaves ``path`` as it was."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path: str, data) -> str:
+    """Atomically write ``data`` as indented JSON."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    return atomic_write(path, write)

@@ -1,0 +1,1 @@
+"""Experiment pipelines run by ``experiments/main.py``: one module per experiment kind."""

@@ -1,0 +1,1 @@
+"""PNG figures of results (matplotlib, Agg backend: no display needed)."""

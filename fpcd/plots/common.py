@@ -1,0 +1,89 @@
+"""Figures shared by experiments: samples vs truth, and NFE vs W1 per sampler."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fpcd.io import atomic_write  # noqa: E402
+
+
+def _save(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def samples_vs_truth_2d(truth, samples_by_run: dict, path: str, *, max_points: int = 3000):
+    """One scatter panel per run (generated in colour over truth in grey) plus the truth alone."""
+    names = list(samples_by_run)
+    cols = min(4, len(names) + 1)
+    rows = -(-(len(names) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    truth = np.asarray(truth)[:max_points]
+    lo, hi = np.percentile(truth, [0.5, 99.5], axis=0)
+    pad = 0.15 * (hi - lo)
+    panels = [("truth", truth)] + [(n, np.asarray(samples_by_run[n])[:max_points]) for n in names]
+    for ax, (name, pts) in zip(axes.flat, panels):
+        ax.scatter(truth[:, 0], truth[:, 1], s=1, c="0.75", label="truth")
+        if name != "truth":
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, c="C0", alpha=0.6, label="generated")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_aspect("equal")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def marginals(truth, samples_by_run: dict, path: str, *, bins: int = 60, labels=None):
+    """Histogram of each dimension: truth filled, each run as a line, with a ratio panel."""
+    truth = np.asarray(truth)
+    dims = truth.shape[1]
+    fig, axes = plt.subplots(2, dims, figsize=(4 * dims, 4.5), squeeze=False, gridspec_kw={"height_ratios": [3, 1]},
+                             sharex="col")
+    for d in range(dims):
+        edges = np.histogram_bin_edges(truth[:, d], bins=bins)
+        h_truth, _ = np.histogram(truth[:, d], edges, density=True)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        axes[0, d].stairs(h_truth, edges, fill=True, color="0.8", label="truth")
+        for i, (name, pts) in enumerate(samples_by_run.items()):
+            h, _ = np.histogram(np.asarray(pts)[:, d], edges, density=True)
+            axes[0, d].stairs(h, edges, color=f"C{i}", label=name)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                axes[1, d].plot(centres, h / h_truth, color=f"C{i}", lw=0.8)
+        axes[1, d].axhline(1.0, color="k", lw=0.5)
+        axes[1, d].set_ylim(0.5, 1.5)
+        axes[1, d].set_xlabel(labels[d] if labels else f"x[{d}]")
+        axes[1, d].set_ylabel("gen / truth")
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def nfe_vs_w1(runs: dict, path: str, *, floor: float | None = None, metric_key: str = "w1_mean",
+              ylabel: str = "mean W1 over dimensions"):
+    """W1 against NFE, one line per sampling method (runs: name -> {method, nfe, metric_key})."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    by_method: dict[str, list] = {}
+    for name, row in runs.items():
+        by_method.setdefault(row["method"], []).append((row["nfe"], row[metric_key], name))
+    for i, (method, points) in enumerate(sorted(by_method.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=method)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=1, label="truth vs truth")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("NFE (score evaluations per sample)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)

@@ -1,0 +1,258 @@
+"""Denoising score matching: loss, optimiser, train state, the jitted train step and the loop.
+
+The train state is one pytree (:class:`TrainState`): model, EMA model, optimiser state, PRNG
+key data and step. The step's randomness is ``fold_in(key, step)``, and batches are chosen by
+``(seed, step)`` alone (:func:`batch_indices`), so a resumed run repeats an uninterrupted one
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from fpcd.nets import PREDICTIONS, apply_batched
+from fpcd.sde import VPSDE, broadcast_time, expand_mask
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or parameters; the last good checkpoint is kept."""
+
+
+class TrainState(eqx.Module):
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      model: the network being trained.
+      ema_model: exponential moving average of ``model``'s parameters (same structure).
+      opt_state: optax state of the inexact-array leaves of ``model``.
+      key_data: raw ``uint32`` data of the run's PRNG key (``jax.random.key_data``).
+      step: number of optimiser steps taken, int32 scalar.
+    """
+
+    model: eqx.Module
+    ema_model: eqx.Module
+    opt_state: optax.OptState
+    key_data: jax.Array
+    step: jax.Array
+
+
+def init_train_state(model, optimizer: optax.GradientTransformation, key) -> TrainState:
+    """Fresh state at step 0: the EMA starts at the model, ``key`` seeds every later step."""
+    return TrainState(
+        model=model,
+        ema_model=model,
+        opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
+        key_data=jax.random.key_data(key),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    num_steps: int,
+    warmup_steps: int = 0,
+    grad_clip: float | None = 1.0,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, then cosine decay to 1% (``"cosine"``) or a constant rate,
+    after global-norm gradient clipping (``grad_clip=None`` disables it)."""
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup_steps, 1), max(num_steps, warmup_steps + 1), end_value=0.01 * learning_rate
+        )
+    elif schedule == "constant":
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), optax.constant_schedule(learning_rate)],
+            [max(warmup_steps, 1)],
+        )
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'cosine' or 'constant'")
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(lr, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def antithetic_times(key, batch_size: int, t_min: float):
+    """Stratified diffusion times ``t_min + (1 - t_min) frac(u + i / B)`` for ``i < B``: ``(B,)``."""
+    u = jax.random.uniform(key, ())
+    return t_min + (1.0 - t_min) * jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+
+
+def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5):
+    """Denoising score-matching loss of a noise- or v-prediction network, averaged over real entries.
+
+    ``x_t = alpha_t x + sigma_t eps`` with ``t`` stratified in ``[t_min, 1]``; the target is ``eps``
+    (``prediction="eps"``) or ``v = alpha_t eps - sigma_t x`` (``"v"``). Padded entries
+    (``mask == 0``) are zero in ``x_t`` and excluded from the mean.
+
+    Args:
+      x: clean data ``(B, ...)``; mask: ``(B, N)`` or broadcastable; cond: ``(B, C)`` or None.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    k_t, k_eps = jax.random.split(key)
+    t = antithetic_times(k_t, x.shape[0], t_min)
+    m = jnp.ones_like(x) if mask is None else expand_mask(mask, x)
+    eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
+    alpha, sigma = sde.marginal(broadcast_time(t, x))
+    x = x * m
+    x_t = alpha * x + sigma * eps
+    output = apply_batched(model, x_t, t, mask=mask, cond=cond)
+    target = eps if prediction == "eps" else alpha * eps - sigma * x
+    return jnp.sum(m * (output - target) ** 2) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def ema_update(ema_model, model, decay: float):
+    """``decay * ema + (1 - decay) * model`` on inexact-array leaves; other leaves from ``model``."""
+    ema_params, _ = eqx.partition(ema_model, eqx.is_inexact_array)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    new = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+    return eqx.combine(new, static)
+
+
+def make_train_step(
+    sde: VPSDE,
+    optimizer: optax.GradientTransformation,
+    *,
+    prediction: str = "eps",
+    ema_decay: float = 0.999,
+    t_min: float = 1e-5,
+    mesh=None,
+):
+    """Build the jitted pure step ``(state, batch) -> (state, metrics)``.
+
+    ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With ``mesh``, the
+    new state is constrained to be replicated over it (the batch arrives sharded along ``"data"``).
+    ``metrics`` holds the scalar ``loss`` (mean over the global batch) and ``grad_norm``.
+    """
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), state.step)
+
+        def loss_fn(model):
+            return dsm_loss(
+                model, sde, batch["x"], key, mask=batch.get("mask"), cond=batch.get("cond"),
+                prediction=prediction, t_min=t_min,
+            )
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
+        params = eqx.filter(state.model, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        model = eqx.apply_updates(state.model, updates)
+        new_state = TrainState(
+            model=model,
+            ema_model=ema_update(state.ema_model, model, ema_decay),
+            opt_state=opt_state,
+            key_data=state.key_data,
+            step=state.step + 1,
+        )
+        if replicated is not None:
+            new_state = eqx.filter_shard(new_state, replicated)
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    donate = "none" if jax.default_backend() == "cpu" else "all-except-first"
+    return eqx.filter_jit(step, donate=donate)
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+    """Indices of the batch at ``step``: epochs are seeded permutations, so the data order depends
+    only on ``(seed, step)``. The last incomplete chunk of each epoch is skipped."""
+    if batch_size > num_examples:
+        raise ValueError(f"batch size {batch_size} exceeds the number of training examples {num_examples}")
+    per_epoch = num_examples // batch_size
+    epoch, position = divmod(int(step), per_epoch)
+    order = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def tree_is_finite(tree) -> bool:
+    """True when every inexact array leaf of ``tree`` is finite."""
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def fit(
+    state: TrainState,
+    *,
+    step_fn: Callable,
+    batch_fn: Callable[[int], dict],
+    num_steps: int,
+    checkpointer=None,
+    log_every: int = 100,
+    description: str = "train",
+    progress: bool = True,
+    on_step: Callable[[int, TrainState], None] | None = None,
+):
+    """Run ``step_fn`` from ``state.step`` to ``num_steps`` with checkpoints and a progress bar.
+
+    Args:
+      state: starting (fresh or restored) :class:`TrainState`.
+      step_fn: jitted ``(state, batch) -> (state, metrics)``.
+      batch_fn: ``step -> batch`` (already placed on devices).
+      checkpointer: a :class:`fpcd.checkpoint.Checkpointer` or None; saves every
+        ``checkpointer.save_every`` steps and at the end, after checking losses and parameters.
+      on_step: optional host callback ``(step_done, state)`` after each step (tests use it).
+
+    Returns:
+      ``(state, history)`` with ``history`` a list of ``{"step", "loss", "grad_norm"}`` rows
+      at every ``log_every`` steps.
+
+    Raises:
+      NonFiniteLossError: a loss or parameter became NaN/inf; the last checkpoint is untouched.
+    """
+    start = int(state.step)
+    history, pending = [], []
+    bar = tqdm(total=num_steps, initial=start, desc=description, disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True, mininterval=1.0)
+
+    def check(upto_step):
+        values = jax.device_get(pending)
+        for s, metrics in values:
+            if not math.isfinite(float(metrics["loss"])):
+                last = None if checkpointer is None else checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"{description}: non-finite loss {float(metrics['loss'])} at step {s}; training stopped. "
+                    f"Last good checkpoint: {'none' if last is None else f'step {last}'}"
+                )
+        pending.clear()
+        return values
+
+    try:
+        for step in range(start, num_steps):
+            state, metrics = step_fn(state, batch_fn(step))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            save_now = checkpointer is not None and (done % checkpointer.save_every == 0 or done == num_steps)
+            if done % log_every == 0 or save_now or done == num_steps:
+                values = check(done)
+                s, last = values[-1]
+                row = {"step": s, "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"])}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if save_now:
+                if not tree_is_finite(state):
+                    last = checkpointer.latest_step()
+                    raise NonFiniteLossError(
+                        f"{description}: non-finite parameters after step {done}; training stopped. "
+                        f"Last good checkpoint: {'none' if last is None else f'step {last}'}"
+                    )
+                checkpointer.save(done, state)
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, state)
+    finally:
+        bar.close()
+        if checkpointer is not None:
+            checkpointer.wait()
+    return state, history

@@ -1,0 +1,195 @@
+"""Samplers against the exact VP-SDE score of a Gaussian mixture."""
+
+import threading
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import truth_floor
+from fpcd.data.gmm import ExactScore
+from fpcd.metrics import w1_per_dimension
+from fpcd.sampling import nfe_of, sample
+
+NUM = 10_000
+# Two independent truth samples of this size reach up to ~1.8x the mean floor (30 trials), so a
+# sampler passes when its mean W1 over dimensions is below 2x the floor; a score off by 20% gives ~4x.
+FLOOR_FACTOR = 2.0
+
+
+class CountingScore(eqx.Module):
+    """Wraps a score function and tallies executed (batched) calls on the host, independently of
+    the samplers' own accounting."""
+
+    inner: eqx.Module
+    tally: list = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        jax.debug.callback(lambda: self.tally.append(1))
+        return self.inner(x, t)
+
+
+class ScaledScore(eqx.Module):
+    """A deliberately wrong score (negative control)."""
+
+    inner: eqx.Module
+    factor: float
+
+    def __call__(self, x, t):
+        return self.factor * self.inner(x, t)
+
+
+class LeakyScore(eqx.Module):
+    """The exact score plus garbage on padded entries: samplers must not let it through."""
+
+    inner: eqx.Module
+    mask: jax.Array
+
+    def __call__(self, x, t):
+        m = self.mask[..., None]
+        return self.inner(x, t) + (1.0 - m) * 1e3 * jnp.sign(x + 0.5)
+
+
+SETTINGS = [
+    ("em", {"steps": 500}),
+    ("pc", {"steps": 100, "snr": 0.16}),
+    ("pc", {"steps": 60, "snr": 0.1, "corrector_steps": 2}),
+    ("ddim", {"steps": 100}),
+    ("ddim", {"steps": 300, "eta": 1.0}),
+    ("ode", {"rtol": 1e-5, "atol": 1e-5}),
+]
+
+
+@pytest.fixture(scope="module")
+def floor(mixture):
+    return truth_floor(mixture, NUM)
+
+
+@pytest.fixture(scope="module")
+def truth(mixture):
+    return np.asarray(mixture.sample(jax.random.key(77), NUM))
+
+
+@pytest.mark.parametrize("method,opts", SETTINGS)
+def test_sampler_reaches_the_truth_floor(exact_score, sde, floor, truth, method, opts):
+    x, _ = sample(exact_score, sde, jax.random.key(0), (NUM, 2), method=method, **opts)
+    w1 = w1_per_dimension(np.asarray(x), truth)
+    assert np.mean(w1) < FLOOR_FACTOR * np.mean(floor), (method, opts, w1, floor)
+
+
+def test_a_wrong_score_fails_the_floor_criterion(exact_score, sde, floor, truth):
+    x, _ = sample(ScaledScore(exact_score, 0.8), sde, jax.random.key(0), (NUM, 2), method="em", steps=500)
+    w1 = w1_per_dimension(np.asarray(x), truth)
+    assert np.mean(w1) > FLOOR_FACTOR * np.mean(floor), (w1, floor)
+
+
+def test_too_few_ddim_steps_are_measurably_worse(exact_score, sde, floor, truth):
+    x, _ = sample(exact_score, sde, jax.random.key(0), (NUM, 2), method="ddim", steps=3)
+    assert np.mean(w1_per_dimension(np.asarray(x), truth)) > 2.0 * np.mean(floor)
+
+
+@pytest.mark.parametrize(
+    "method,opts",
+    [("em", {"steps": 37}), ("pc", {"steps": 13, "corrector_steps": 1}), ("pc", {"steps": 9, "corrector_steps": 3}),
+     ("ddim", {"steps": 21, "eta": 0.5}), ("ode", {"rtol": 1e-3, "atol": 1e-3}), ("ode", {"rtol": 1e-6, "atol": 1e-6})],
+)
+def test_reported_nfe_equals_counted_score_calls(exact_score, sde, method, opts):
+    tally = []
+    _, nfe = sample(CountingScore(exact_score, tally), sde, jax.random.key(1), (64, 2), method=method, **opts)
+    jax.effects_barrier()
+    assert nfe == len(tally)
+    expected = nfe_of(method, **opts)
+    if expected is not None:
+        assert nfe == expected
+    else:
+        assert nfe > 6  # one Dopri5 step needs 7 evaluations
+
+
+def test_nfe_formulas():
+    assert nfe_of("em", steps=300) == 300
+    assert nfe_of("ddim", steps=10) == 10
+    assert nfe_of("pc", steps=250, corrector_steps=1) == 500
+    assert nfe_of("pc", steps=100, corrector_steps=3) == 400
+
+
+def test_ode_nfe_grows_as_tolerance_tightens(exact_score, sde):
+    nfes = [
+        sample(exact_score, sde, jax.random.key(2), (256, 2), method="ode", rtol=tol, atol=tol)[1]
+        for tol in (1e-2, 1e-4, 1e-6)
+    ]
+    assert nfes[0] < nfes[1] < nfes[2], nfes
+
+
+@pytest.mark.parametrize("method", ["em", "pc", "ddim", "ode"])
+def test_mask_keeps_padding_zero_and_out_of_real_entries(mixture, sde, method):
+    batch, points = 8, 6
+    counts = np.array([6, 5, 3, 1, 0, 4, 2, 6])
+    mask = jnp.asarray(np.arange(points)[None, :] < counts[:, None], jnp.float32)
+    clean = ExactScore(mixture, sde, mask)
+    opts = {"steps": 20} if method != "ode" else {"rtol": 1e-4, "atol": 1e-4}
+    x_clean, _ = sample(clean, sde, jax.random.key(3), (batch, points, 2), method=method, mask=mask, **opts)
+    x_leaky, _ = sample(LeakyScore(clean, mask), sde, jax.random.key(3), (batch, points, 2), method=method,
+                        mask=mask, **opts)
+    x_clean, x_leaky = np.asarray(x_clean), np.asarray(x_leaky)
+    padded = np.asarray(mask) == 0
+    assert np.all(x_clean[padded] == 0.0) and np.all(x_leaky[padded] == 0.0)
+    assert np.all(np.isfinite(x_clean))
+    np.testing.assert_array_equal(x_clean[~padded], x_leaky[~padded])
+    assert np.abs(x_clean[~padded]).max() > 0.1
+
+
+def test_point_mask_and_full_mask_agree(mixture, sde):
+    mask = jnp.asarray(np.arange(4)[None, :] < np.array([[4], [2]]), jnp.float32)
+    score = ExactScore(mixture, sde, mask)
+    a, _ = sample(score, sde, jax.random.key(4), (2, 4, 2), method="em", steps=10, mask=mask)
+    b, _ = sample(score, sde, jax.random.key(4), (2, 4, 2), method="em", steps=10,
+                  mask=jnp.broadcast_to(mask[..., None], (2, 4, 2)))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampling_is_deterministic_per_key(exact_score, sde):
+    a, _ = sample(exact_score, sde, jax.random.key(5), (16, 2), method="pc", steps=10)
+    b, _ = sample(exact_score, sde, jax.random.key(5), (16, 2), method="pc", steps=10)
+    c, _ = sample(exact_score, sde, jax.random.key(6), (16, 2), method="pc", steps=10)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "heun"}, "unknown sampling method"),
+        ({"method": "em", "snr": 0.1}, "unknown option"),
+        ({"method": "em", "steps": 0}, "steps must be a positive integer"),
+        ({"method": "em", "steps": 2.5}, "steps must be a positive integer"),
+        ({"method": "pc", "snr": -1.0}, "snr must be a positive number"),
+        ({"method": "ddim", "eta": 2.0}, "eta must lie in"),
+        ({"method": "ode", "rtol": 0.0}, "rtol must be a positive number"),
+        ({"method": "em", "t_min": 1.5}, "t_min must lie in"),
+    ],
+)
+def test_bad_sampler_arguments_raise_clear_errors(exact_score, sde, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(exact_score, sde, jax.random.key(0), (4, 2), **kwargs)
+
+
+def test_mask_of_wrong_shape_is_rejected(exact_score, sde):
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sample(exact_score, sde, jax.random.key(0), (4, 3, 2), method="em", steps=2, mask=jnp.ones((4, 5)))
+
+
+def test_ode_out_of_steps_raises(exact_score, sde):
+    with pytest.raises(RuntimeError, match="max_steps"):
+        sample(exact_score, sde, jax.random.key(0), (4, 2), method="ode", rtol=1e-8, atol=1e-8, max_steps=3)
+
+
+def test_one_compilation_serves_every_step_count(exact_score, sde):
+    from fpcd import sampling
+
+    sample(exact_score, sde, jax.random.key(0), (32, 2), method="em", steps=3)
+    before = sampling._em._cached._cache_size()
+    for steps in (5, 17, 40):
+        sample(exact_score, sde, jax.random.key(0), (32, 2), method="em", steps=steps)
+    assert sampling._em._cached._cache_size() == before
