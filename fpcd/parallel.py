@@ -19,7 +19,7 @@ DATA_AXIS = "data"
 
 def maybe_initialize_distributed() -> bool:
     """Call ``jax.distributed.initialize()`` when the environment describes a multi-process job
-    (SLURM with several tasks, Open MPI, or an explicit ``JAX_COORDINATOR_ADDRESS``).
+    (SLURM with several tasks, Open MPI, a multi-worker TPU slice, or ``JAX_COORDINATOR_ADDRESS``).
 
     Returns True when it initialised. Must run before any other JAX call.
     """
@@ -27,7 +27,8 @@ def maybe_initialize_distributed() -> bool:
     multi_task_slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
     open_mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     explicit = "JAX_COORDINATOR_ADDRESS" in env
-    if multi_task_slurm or open_mpi or explicit:
+    tpu_slice = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if multi_task_slurm or open_mpi or explicit or tpu_slice:
         jax.distributed.initialize()
         return True
     return False
