@@ -193,3 +193,13 @@ def test_one_compilation_serves_every_step_count(exact_score, sde):
     for steps in (5, 17, 40):
         sample(exact_score, sde, jax.random.key(0), (32, 2), method="em", steps=steps)
     assert sampling._em._cached._cache_size() == before
+
+
+@pytest.mark.parametrize("method,opts", [("em", {"steps": 500}), ("ddim", {"steps": 100}), ("ode", {})])
+def test_cosine_schedule_samplers_reach_the_floor(mixture, floor, truth, method, opts):
+    from fpcd.sde import VPSDE
+
+    cosine = VPSDE(schedule="cosine")
+    x, _ = sample(ExactScore(mixture, cosine), cosine, jax.random.key(8), (NUM, 2), method=method, **opts)
+    w1 = w1_per_dimension(np.asarray(x), truth)
+    assert np.mean(w1) < FLOOR_FACTOR * np.mean(floor), (method, w1, floor)
