@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import wasserstein_distance
 
 
-def w1_per_dimension(samples, truth, weights_samples=None, weights_truth=None) -> np.ndarray:
+def wasserstein_1d(u, v) -> float:
+    """W1 between the empirical distributions of the 1-D samples ``u`` and ``v`` (sizes may differ).
+
+    ``W1 = int |F_u - F_v| dx``, evaluated exactly on the merged sorted sample with one stable
+    argsort (the same value as ``scipy.stats.wasserstein_distance`` without weights, ~3x faster).
+    """
+    u = np.asarray(u, np.float64).ravel()
+    v = np.asarray(v, np.float64).ravel()
+    if u.size == 0 or v.size == 0:
+        raise ValueError("wasserstein_1d needs two non-empty samples")
+    values = np.concatenate([u, v])
+    order = np.argsort(values, kind="stable")
+    steps = np.concatenate([np.full(u.size, 1.0 / u.size), np.full(v.size, -1.0 / v.size)])[order]
+    cdf_difference = np.cumsum(steps)[:-1]
+    return float(np.sum(np.abs(cdf_difference) * np.diff(values[order])))
+
+
+def w1_per_dimension(samples, truth) -> np.ndarray:
     """W1 between the marginals of ``samples (N, D)`` and ``truth (M, D)``, one value per dimension.
 
-    Exact for the empirical distributions (scipy's CDF integral); sizes may differ.
+    Exact for the empirical distributions; sizes may differ.
     """
     samples = np.asarray(samples, np.float64)
     truth = np.asarray(truth, np.float64)
@@ -17,12 +33,7 @@ def w1_per_dimension(samples, truth, weights_samples=None, weights_truth=None) -
         raise ValueError(f"w1_per_dimension needs (N, D) and (M, D) arrays, got {samples.shape} and {truth.shape}")
     if not (np.all(np.isfinite(samples)) and np.all(np.isfinite(truth))):
         raise ValueError("w1_per_dimension: samples or truth contain NaN/inf")
-    return np.array(
-        [
-            wasserstein_distance(samples[:, d], truth[:, d], weights_samples, weights_truth)
-            for d in range(samples.shape[1])
-        ]
-    )
+    return np.array([wasserstein_1d(samples[:, d], truth[:, d]) for d in range(samples.shape[1])])
 
 
 def w1_truth_floor(truth_a, truth_b) -> np.ndarray:

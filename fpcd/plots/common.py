@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from fpcd.io import atomic_write  # noqa: E402
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
     return path
@@ -38,7 +38,7 @@ def samples_vs_truth_2d(truth, samples_by_run: dict, path: str, *, max_points: i
         ax.set_aspect("equal")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def marginals(truth, samples_by_run: dict, path: str, *, bins: int = 60, labels=None):
@@ -62,7 +62,7 @@ def marginals(truth, samples_by_run: dict, path: str, *, bins: int = 60, labels=
         axes[1, d].set_xlabel(labels[d] if labels else f"x[{d}]")
         axes[1, d].set_ylabel("gen / truth")
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def nfe_vs_w1(runs: dict, path: str, *, floor: float | None = None, metric_key: str = "w1_mean",
@@ -86,4 +86,4 @@ def nfe_vs_w1(runs: dict, path: str, *, floor: float | None = None, metric_key: 
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)

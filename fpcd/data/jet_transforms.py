@@ -1,0 +1,110 @@
+"""Model-side representation of JetNet jets: centring and an invertible preprocessing pair.
+
+* :func:`recenter` moves each jet's constituents so that their pT-weighted centroid in
+  (eta_rel, phi_rel) is at 0 (FPCD's data cleaning; idempotent). Apply it to truth and model
+  alike; it is not undone.
+* :func:`preprocess` / :func:`postprocess` are exact inverses on centred jets:
+  particle features (eta_rel, phi_rel, log pt_rel) and jet features (pT, eta, mass,
+  num_particles) are standardised per feature with statistics stored in a
+  :class:`Standardisation` (masked: only real constituents enter the particle statistics, and
+  padded entries are exactly zero before and after). ``postprocess`` also accepts model output:
+  it rounds and clips the multiplicity to ``[1, P]`` and rebuilds the mask column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fpcd.data.jetnet import JetSet, wrap_phi
+
+PT_REL_FLOOR = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardisation:
+    """Per-feature means and standard deviations (float64) of the preprocessed features."""
+
+    particle_mean: np.ndarray  # (3,) of (eta_rel, phi_rel, log pt_rel) over real constituents
+    particle_std: np.ndarray
+    jet_mean: np.ndarray  # (4,) of (pT, eta, mass, num_particles)
+    jet_std: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Standardisation":
+        return cls(**{k: np.asarray(data[k], np.float64) for k in ("particle_mean", "particle_std", "jet_mean",
+                                                                    "jet_std")})
+
+
+def recenter(particle_features: np.ndarray) -> np.ndarray:
+    """Shift (eta_rel, phi_rel) of each jet ``(N, P, 4)`` by its pT-weighted centroid; padding stays 0."""
+    p = np.array(particle_features, np.float32, copy=True)
+    real = p[..., 3] > 0.5
+    weight = p[..., 2] * real
+    total = np.maximum(weight.sum(1, keepdims=True), 1e-12)
+    for axis in (0, 1):
+        centre = (p[..., axis] * weight).sum(1, keepdims=True) / total
+        shifted = p[..., axis] - centre
+        p[..., axis] = np.where(real, wrap_phi(shifted) if axis == 1 else shifted, 0.0)
+    return p
+
+
+def _particle_inputs(particle_features):
+    real = particle_features[..., 3] > 0.5
+    x = np.stack([particle_features[..., 0], particle_features[..., 1],
+                  np.log(np.maximum(particle_features[..., 2], PT_REL_FLOOR))], axis=-1).astype(np.float64)
+    return x * real[..., None], real
+
+
+def fit_standardisation(jets: JetSet) -> Standardisation:
+    """Statistics of ``jets`` (typically the training split of one jet type)."""
+    x, real = _particle_inputs(jets.particle_features)
+    values = x[real]
+    jet = jets.jet_features.astype(np.float64)
+    return Standardisation(
+        particle_mean=values.mean(0), particle_std=np.maximum(values.std(0), 1e-6),
+        jet_mean=jet.mean(0), jet_std=np.maximum(jet.std(0), 1e-6),
+    )
+
+
+def preprocess(jets: JetSet, stats: Standardisation):
+    """Model inputs of ``jets``.
+
+    Returns:
+      ``(particles (N, P, 3), mask (N, P), jet_features (N, 4))`` as float32; ``particles`` is zero
+      where ``mask`` is 0.
+    """
+    x, real = _particle_inputs(jets.particle_features)
+    particles = (x - stats.particle_mean) / stats.particle_std * real[..., None]
+    jet = (jets.jet_features.astype(np.float64) - stats.jet_mean) / stats.jet_std
+    return particles.astype(np.float32), real.astype(np.float32), jet.astype(np.float32)
+
+
+def postprocess(particles, mask, jet_features, stats: Standardisation, jet_type: str) -> JetSet:
+    """Invert :func:`preprocess`: back to JetNet units and layout.
+
+    Multiplicities are rounded and clipped to ``[1, P]``; particles beyond a jet's mask are zero.
+    """
+    particles = np.asarray(particles, np.float64)
+    real = np.asarray(mask) > 0.5
+    num = particles.shape[1]
+    x = particles * stats.particle_std + stats.particle_mean
+    out = np.zeros(particles.shape[:2] + (4,), np.float32)
+    out[..., 0] = x[..., 0]
+    out[..., 1] = x[..., 1]
+    out[..., 2] = np.exp(x[..., 2])
+    out[..., 3] = 1.0
+    out *= real[..., None]
+    jet = np.asarray(jet_features, np.float64) * stats.jet_std + stats.jet_mean
+    jet[:, 3] = np.clip(np.rint(jet[:, 3]), 1, num)
+    return JetSet(jet_type, out, jet.astype(np.float32))
+
+
+def multiplicity_mask(num_particles, max_particles: int) -> np.ndarray:
+    """``(N, P)`` float mask with the first ``num_particles[i]`` entries of row ``i`` set."""
+    n = np.clip(np.rint(np.asarray(num_particles)), 0, max_particles).astype(int)
+    return (np.arange(max_particles)[None, :] < n[:, None]).astype(np.float32)
