@@ -21,9 +21,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fpcd.parallel import data_mesh, maybe_initialize_distributed  # noqa: E402
-from fpcd.pipelines import gmm  # noqa: E402
+from fpcd.pipelines import gmm, jets  # noqa: E402
 
-PIPELINES = {"gmm": gmm.run}
+PIPELINES = {"gmm": gmm.run, "jetnet": jets.run}
 MODES = ("train", "sample", "eval", "all")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -46,6 +46,13 @@ def main(argv):
     maybe_initialize_distributed()
     workdir = _WORKDIR.value or os.path.join("runs", cfg.get("name", experiment))
     result = PIPELINES[experiment](cfg, workdir, _MODE.value, data_mesh(), progress=_PROGRESS.value)
+    if result is not None and "types" in result:
+        print(f"results in {os.path.abspath(workdir)}")
+        print(f"{'type':<5}{'run':<12}{'NFE':>6}{'jets/s':>9}{'W1M':>10}{'W1P':>10}{'W1EFP':>11}{'FPD':>10}{'KPD':>11}")
+        for jet_type, row in result["types"].items():
+            for name, r in [("floor", {**row["floor"], "nfe": 0, "jets_per_second": 0.0}), *row["runs"].items()]:
+                print(f"{jet_type:<5}{name:<12}{r['nfe']:>6}{r['jets_per_second'] or 0:>9.1f}{r['w1m']:>10.5f}"
+                      f"{r['w1p']:>10.5f}{r['w1efp']:>11.2e}{r['fpd']:>10.4f}{r['kpd']:>11.2e}")
     if result is not None and "runs" in result:
         print(f"results in {os.path.abspath(workdir)}")
         print(f"{'run':<12} {'NFE':>6} {'seconds':>8} {'W1 mean':>9}  (truth floor {result['floor']['w1_mean']:.4f})")

@@ -60,26 +60,28 @@ def validate_sde(cfg) -> None:
     require_choice(cfg, "sde.schedule", SCHEDULES)
 
 
-def validate_train(cfg, *, num_devices: int = 1) -> None:
-    num_steps = require_int(cfg, "train.num_steps")
-    batch_size = require_int(cfg, "train.batch_size")
+def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None:
+    """Check a training section (``config.train`` or another section of the same fields)."""
+    s = section
+    num_steps = require_int(cfg, f"{s}.num_steps")
+    batch_size = require_int(cfg, f"{s}.batch_size")
     if batch_size % num_devices:
         raise ConfigError(
-            f"config.train.batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices})"
+            f"config.{s}.batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices})"
         )
-    require_float(cfg, "train.learning_rate", low=0.0, open_low=True)
-    warmup = require_int(cfg, "train.warmup_steps", minimum=0)
+    require_float(cfg, f"{s}.learning_rate", low=0.0, open_low=True)
+    warmup = require_int(cfg, f"{s}.warmup_steps", minimum=0)
     if warmup > num_steps:
-        raise ConfigError(f"config.train.warmup_steps ({warmup}) exceeds config.train.num_steps ({num_steps})")
-    require_float(cfg, "train.grad_clip", low=0.0)
-    require_float(cfg, "train.weight_decay", low=0.0)
-    require_float(cfg, "train.ema_decay", low=0.0, high=1.0)
-    require_choice(cfg, "train.prediction", PREDICTIONS)
-    require_choice(cfg, "train.schedule", ("cosine", "constant"))
-    require_float(cfg, "train.t_min", low=0.0, high=0.1, open_low=True)
-    require_int(cfg, "train.log_every")
-    require_int(cfg, "train.checkpoint_every")
-    require_int(cfg, "train.keep_checkpoints")
+        raise ConfigError(f"config.{s}.warmup_steps ({warmup}) exceeds config.{s}.num_steps ({num_steps})")
+    require_float(cfg, f"{s}.grad_clip", low=0.0)
+    require_float(cfg, f"{s}.weight_decay", low=0.0)
+    require_float(cfg, f"{s}.ema_decay", low=0.0, high=1.0)
+    require_choice(cfg, f"{s}.prediction", PREDICTIONS)
+    require_choice(cfg, f"{s}.schedule", ("cosine", "constant"))
+    require_float(cfg, f"{s}.t_min", low=0.0, high=0.1, open_low=True)
+    require_int(cfg, f"{s}.log_every")
+    require_int(cfg, f"{s}.checkpoint_every")
+    require_int(cfg, f"{s}.keep_checkpoints")
 
 
 def validate_sampling(cfg) -> None:
@@ -101,9 +103,10 @@ def validate_sampling(cfg) -> None:
             raise ConfigError(f"config.sampling.runs.{name}: {err}") from None
 
 
-def validate_common(cfg, *, num_devices: int = 1) -> None:
+def validate_common(cfg, *, num_devices: int = 1, train_sections: tuple[str, ...] = ("train",)) -> None:
     """Check the sections every experiment has; raise :class:`ConfigError` naming the field."""
     require_int(cfg, "seed", minimum=0)
     validate_sde(cfg)
-    validate_train(cfg, num_devices=num_devices)
+    for section in train_sections:
+        validate_train(cfg, num_devices=num_devices, section=section)
     validate_sampling(cfg)

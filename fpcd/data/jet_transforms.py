@@ -20,6 +20,7 @@ import numpy as np
 from fpcd.data.jetnet import JetSet, wrap_phi
 
 PT_REL_FLOOR = 1e-8
+PT_REL_LOG_MAX = float(np.log(2.0))  # model output is capped at pt_rel = 2 (no constituent carries 2x the jet pT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,8 @@ def preprocess(jets: JetSet, stats: Standardisation):
 def postprocess(particles, mask, jet_features, stats: Standardisation, jet_type: str) -> JetSet:
     """Invert :func:`preprocess`: back to JetNet units and layout.
 
-    Multiplicities are rounded and clipped to ``[1, P]``; particles beyond a jet's mask are zero.
+    Multiplicities are rounded and clipped to ``[1, P]``, pt_rel is capped at 2 (a guard against
+    diverging model output; real jets stay far below), and particles beyond a jet's mask are zero.
     """
     particles = np.asarray(particles, np.float64)
     real = np.asarray(mask) > 0.5
@@ -96,7 +98,7 @@ def postprocess(particles, mask, jet_features, stats: Standardisation, jet_type:
     out = np.zeros(particles.shape[:2] + (4,), np.float32)
     out[..., 0] = x[..., 0]
     out[..., 1] = x[..., 1]
-    out[..., 2] = np.exp(x[..., 2])
+    out[..., 2] = np.exp(np.minimum(x[..., 2], PT_REL_LOG_MAX))
     out[..., 3] = 1.0
     out *= real[..., None]
     jet = np.asarray(jet_features, np.float64) * stats.jet_std + stats.jet_mean

@@ -197,6 +197,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
+    if not (np.all(np.isfinite(sigma1)) and np.all(np.isfinite(sigma2)) and np.all(np.isfinite(diff))):
+        return float("inf")
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -234,6 +236,8 @@ def fpd(real_features, gen_features, min_samples: int = 20_000, max_samples: int
             a, b = x[rng.choice(len(x), size=batch_size)], y[rng.choice(len(y), size=batch_size)]
             points.append(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
         values.append(np.mean(points))
+    if not np.all(np.isfinite(values)):
+        return float("inf"), float("nan")
     params, covs = curve_fit(lambda n_inv, c, m: c + m * n_inv, 1 / batches, values,
                              bounds=([0, 0], [np.inf, np.inf]))
     return float(params[0]), float(np.sqrt(np.diag(covs)[0]))
