@@ -16,7 +16,7 @@ def _train(num_steps, batch_size, learning_rate, warmup_steps, checkpoint_every,
     return ml_collections.ConfigDict({
         "num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
         "warmup_steps": warmup_steps, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0,
-        "ema_decay": 0.999, "prediction": "eps", "t_min": 1e-5, "log_every": log_every,
+        "ema_decay": 0.999, "prediction": "v", "t_min": 1e-5, "log_every": log_every,
         "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
     })
 

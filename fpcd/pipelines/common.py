@@ -119,7 +119,7 @@ def warmup_options(method: str, options: dict) -> dict:
 
 def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int, batch_size: int,
                    sample_shape: tuple, run: dict, description: str, make_mask: Callable | None = None,
-                   progress: bool = True):
+                   progress: bool = True, sample_fn: Callable = sample):
     """Sample ``num_samples`` in batches with one sampler run; compile time is excluded.
 
     Args:
@@ -127,6 +127,7 @@ def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int
       sample_shape: shape of one sample, e.g. ``(D,)`` or ``(N, D)``.
       run: ``{"method": ..., **options}``.
       make_mask: optional ``(batch_index, batch_size) -> mask``.
+      sample_fn: the sampler, :func:`fpcd.sampling.sample` or one with its signature.
 
     Returns:
       ``(samples (num_samples, ...), nfe, seconds)`` where ``seconds`` is the sampling wall time
@@ -139,7 +140,7 @@ def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int
 
     def draw(index, opts, k):
         mask = None if make_mask is None else make_mask(index, batch_size)
-        x, nfe = sample(make_score_fn(index, batch_size), sde, k, shape, method=method, mask=mask, **opts)
+        x, nfe = sample_fn(make_score_fn(index, batch_size), sde, k, shape, method=method, mask=mask, **opts)
         return jax.block_until_ready(x), nfe
 
     draw(0, warmup_options(method, options), jax.random.fold_in(key, 10**6))  # compile

@@ -182,13 +182,17 @@ def _restore(cfg, workdir, mesh, sde, models, keys):
 # --- sampling --------------------------------------------------------------------------------------
 
 
-def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, key, progress: bool):
-    """Generate ``sampling.num_samples`` jets of one type with one sampler run (both stages).
+def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, key, progress: bool,
+                sample_fn=None, num_samples: int | None = None):
+    """Generate ``num_samples`` (default ``sampling.num_samples``) jets of one type with one sampler
+    run (both stages), using ``sample_fn`` (default :func:`fpcd.sampling.sample`).
 
     Returns ``(JetSet, info)`` with NFE and seconds of each stage.
     """
     jet_state, particle_state = states
-    types, n, batch = data.types, cfg.sampling.num_samples, cfg.sampling.batch_size
+    types, batch = data.types, cfg.sampling.batch_size
+    n = num_samples or cfg.sampling.num_samples
+    extra = {} if sample_fn is None else {"sample_fn": sample_fn}
     num_particles = cfg.data.num_particles
     stats = data.stats[jet_type]
     type_cond = jnp.asarray(one_hot(jet_type, types, batch))
@@ -196,7 +200,7 @@ def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, 
     jet_score = score_fn_from(jet_state.ema_model, sde, prediction=cfg.train_jet.prediction, cond=type_cond)
     jet_std, jet_nfe, jet_seconds = timed_sampling(
         lambda index, size: jet_score, sde, k_jet, num_samples=n, batch_size=batch, sample_shape=(NUM_JET_FEATURES,),
-        run=run, description=f"sample {jet_type} jets", progress=progress,
+        run=run, description=f"sample {jet_type} jets", progress=progress, **extra,
     )
     # The multiplicity sets the mask; the particle stage sees the jet features it was trained on.
     multiplicity = np.clip(np.rint(jet_std[:, 3] * stats.jet_std[3] + stats.jet_mean[3]), 1, num_particles)
@@ -219,7 +223,7 @@ def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, 
     particles, particle_nfe, particle_seconds = timed_sampling(
         particle_score, sde, k_particle, num_samples=padded, batch_size=batch,
         sample_shape=(num_particles, NUM_PARTICLE_FEATURES), run=run, description=f"sample {jet_type} particles",
-        make_mask=lambda index, size: jnp.asarray(mask[batch_slice(index, size)]), progress=progress,
+        make_mask=lambda index, size: jnp.asarray(mask[batch_slice(index, size)]), progress=progress, **extra,
     )
     finite = np.all(np.isfinite(particles[:n]), axis=(1, 2)) & np.all(np.isfinite(jet_std), axis=1)
     jets = jet_transforms.postprocess(particles[:n][finite], mask[finite], jet_std[finite], stats, jet_type)
