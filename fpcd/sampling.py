@@ -198,6 +198,11 @@ def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min):
 _SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "ode": _ode}
 
 
+@eqx.filter_jit
+def _evaluate_flow(flow, t, x):
+    return flow(t, x)
+
+
 def sample_scipy_rk45(score_fn, sde: VPSDE, key, shape, *, mask=None, rtol=1e-5, atol=1e-5, t_min=1e-3, **unused):
     """The physics papers' baseline: the probability-flow ODE solved by scipy's
     ``solve_ivp(method="RK45")`` on the host, calling the jitted vector field once per evaluation
@@ -214,11 +219,10 @@ def sample_scipy_rk45(score_fn, sde: VPSDE, key, shape, *, mask=None, rtol=1e-5,
     if m is not None:
         x1 = x1 * m
     flow = ProbabilityFlow(score_fn, sde, m)
-    velocity = eqx.filter_jit(lambda f, t, x: f(t, x))
 
     def fun(t, y):
         x = jnp.asarray(y.reshape(x1.shape), jnp.float32)
-        return np.asarray(velocity(flow, jnp.asarray(t, jnp.float32), x), np.float64).ravel()
+        return np.asarray(_evaluate_flow(flow, jnp.asarray(t, jnp.float32), x), np.float64).ravel()
 
     solution = solve_ivp(fun, (1.0, t_min), np.asarray(x1, np.float64).ravel(), method="RK45", rtol=rtol, atol=atol)
     if not solution.success:

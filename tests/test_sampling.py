@@ -203,3 +203,12 @@ def test_cosine_schedule_samplers_reach_the_floor(mixture, floor, truth, method,
     x, _ = sample(ExactScore(mixture, cosine), cosine, jax.random.key(8), (NUM, 2), method=method, **opts)
     w1 = w1_per_dimension(np.asarray(x), truth)
     assert np.mean(w1) < FLOOR_FACTOR * np.mean(floor), (method, w1, floor)
+
+
+def test_scipy_rk45_baseline_agrees_with_diffrax(exact_score, sde):
+    from fpcd.sampling import sample_scipy_rk45
+
+    x_dfx, nfe_dfx = sample(exact_score, sde, jax.random.key(9), (256, 2), method="ode", rtol=1e-5, atol=1e-5)
+    x_sp, nfe_sp = sample_scipy_rk45(exact_score, sde, jax.random.key(9), (256, 2), rtol=1e-5, atol=1e-5)
+    assert abs(nfe_dfx / nfe_sp - 1) < 0.15, (nfe_dfx, nfe_sp)
+    np.testing.assert_allclose(x_sp, x_dfx, atol=2e-3)
