@@ -118,14 +118,18 @@ def _grid_times(i, steps, t_min):
     return 1.0 - i * h, 1.0 - (i + 1) * h
 
 
-def _fixed_step_loop(step_fn, key, shape, mask, sde, steps, t_min):
+def _constrain(x, sharding):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _fixed_step_loop(step_fn, key, shape, mask, sde, steps, t_min, sharding=None):
     """Run ``step_fn(x, t, t_next, key, m) -> (x, x_mean)`` over the grid in one ``fori_loop``.
 
     ``steps`` and ``t_min`` are traced, so one compiled sampler serves every step count.
     Returns the mean of the last step (no noise added at the end).
     """
     k_prior, k_steps = jax.random.split(key)
-    x = sde.prior_sample(k_prior, shape)
+    x = _constrain(sde.prior_sample(k_prior, shape), sharding)
     m = _ones_mask(mask, x)
 
     def body(i, carry):
@@ -137,15 +141,15 @@ def _fixed_step_loop(step_fn, key, shape, mask, sde, steps, t_min):
 
 
 @eqx.filter_jit
-def _em(score_fn, sde, key, shape, mask, *, steps, t_min):
+def _em(score_fn, sde, key, shape, mask, *, steps, t_min, sharding=None):
     def step(x, t, t_next, k, m):
         return em_step(score_fn, sde, x, t, t_next, k, m)
 
-    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min)
+    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min, sharding)
 
 
 @eqx.filter_jit
-def _pc(score_fn, sde, key, shape, mask, *, steps, snr, corrector_steps, t_min):
+def _pc(score_fn, sde, key, shape, mask, *, steps, snr, corrector_steps, t_min, sharding=None):
     step_fraction = (1.0 - t_min) / steps
 
     def step(x, t, t_next, k, m):
@@ -157,15 +161,15 @@ def _pc(score_fn, sde, key, shape, mask, *, steps, snr, corrector_steps, t_min):
         x = jax.lax.fori_loop(0, corrector_steps, correct, x)
         return em_step(score_fn, sde, x, t, t_next, k_pred, m)
 
-    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min)
+    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min, sharding)
 
 
 @eqx.filter_jit
-def _ddim(score_fn, sde, key, shape, mask, *, steps, eta, t_min):
+def _ddim(score_fn, sde, key, shape, mask, *, steps, eta, t_min, sharding=None):
     def step(x, t, t_next, k, m):
         return ddim_step(score_fn, sde, x, t, t_next, eta, k, m)
 
-    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min)
+    return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min, sharding)
 
 
 class ProbabilityFlow(eqx.Module):
@@ -183,8 +187,10 @@ class ProbabilityFlow(eqx.Module):
         return velocity if self.mask is None else velocity * self.mask
 
 
-def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min):
+def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min, sharding=None):
     x1 = sde.prior_sample(key, shape)
+    if sharding is not None:
+        x1 = jax.device_put(x1, sharding)
     m = None if mask is None else expand_mask(mask, x1)
     if m is not None:
         x1 = x1 * m
@@ -263,7 +269,7 @@ def nfe_of(method: str, **opts) -> int | None:
     return None
 
 
-def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, **opts):
+def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding=None, **opts):
     """Draw samples of shape ``shape = (B, ...)`` by integrating from the prior at t=1 to ``t_min``.
 
     Args:
@@ -274,6 +280,8 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, **opts):
       shape: output shape ``(B, ...)``.
       method: ``"em"``, ``"pc"``, ``"ddim"`` or ``"ode"`` (module docstring lists options).
       mask: 1 = real, 0 = padding; ``(B, N)`` for clouds or broadcastable to ``shape``.
+      sharding: optional sharding of the batch (e.g. ``fpcd.parallel.batch_sharding(mesh)``):
+        the samples are then computed data-parallel over its devices. Results do not depend on it.
 
     Returns:
       ``(x, nfe)``: samples ``(B, ...)`` (exactly 0 where masked) and the number of score
@@ -294,7 +302,7 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, **opts):
         except ValueError as err:
             raise ValueError(f"mask of shape {mask.shape} does not broadcast to the sample shape {shape}") from err
     if method == "ode":
-        return _ode(score_fn, sde, key, shape, mask, **merged)
+        return _ode(score_fn, sde, key, shape, mask, sharding=sharding, **merged)
     traced = {name: jnp.asarray(value) for name, value in merged.items()}
-    x = _SAMPLERS[method](score_fn, sde, key, shape, mask, **traced)
+    x = _SAMPLERS[method](score_fn, sde, key, shape, mask, sharding=sharding, **traced)
     return x, nfe_of(method, **opts)

@@ -212,3 +212,22 @@ def test_scipy_rk45_baseline_agrees_with_diffrax(exact_score, sde):
     x_sp, nfe_sp = sample_scipy_rk45(exact_score, sde, jax.random.key(9), (256, 2), rtol=1e-5, atol=1e-5)
     assert abs(nfe_dfx / nfe_sp - 1) < 0.15, (nfe_dfx, nfe_sp)
     np.testing.assert_allclose(x_sp, x_dfx, atol=2e-3)
+
+
+def test_sharded_sampling_on_four_devices_counts_and_matches():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "sharded_sampling_worker.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, worker], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    for method in ("em", "pc", "ddim", "ode"):
+        row = out[method]
+        assert row["nfe"][0] == row["nfe"][1] == row["calls"], (method, row)
+        assert row["num_shards"] == 4
+        assert row["max_diff"] < (5e-3 if method == "ode" else 1e-4), (method, row)

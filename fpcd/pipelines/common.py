@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from fpcd.checkpoint import Checkpointer
 from fpcd.config import ConfigError
 from fpcd.io import write_json
-from fpcd.parallel import replicate
+from fpcd.parallel import batch_sharding, replicate
 from fpcd.sampling import sample
 from fpcd.sde import VPSDE
 from fpcd.train import fit, init_train_state, make_optimizer, make_train_step
@@ -119,7 +119,7 @@ def warmup_options(method: str, options: dict) -> dict:
 
 def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int, batch_size: int,
                    sample_shape: tuple, run: dict, description: str, make_mask: Callable | None = None,
-                   progress: bool = True, sample_fn: Callable = sample):
+                   progress: bool = True, sample_fn: Callable = sample, mesh=None):
     """Sample ``num_samples`` in batches with one sampler run; compile time is excluded.
 
     Args:
@@ -128,6 +128,8 @@ def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int
       run: ``{"method": ..., **options}``.
       make_mask: optional ``(batch_index, batch_size) -> mask``.
       sample_fn: the sampler, :func:`fpcd.sampling.sample` or one with its signature.
+      mesh: when given (and ``batch_size`` divides by its size), each batch is sampled
+        data-parallel over its devices.
 
     Returns:
       ``(samples (num_samples, ...), nfe, seconds)`` where ``seconds`` is the sampling wall time
@@ -137,10 +139,12 @@ def timed_sampling(make_score_fn: Callable, sde: VPSDE, key, *, num_samples: int
     method = options.pop("method")
     num_batches = -(-num_samples // batch_size)
     shape = (batch_size,) + tuple(sample_shape)
+    sharded = sample_fn is sample and mesh is not None and mesh.devices.size > 1 and batch_size % mesh.devices.size == 0
+    extra = {"sharding": batch_sharding(mesh)} if sharded else {}
 
     def draw(index, opts, k):
         mask = None if make_mask is None else make_mask(index, batch_size)
-        x, nfe = sample_fn(make_score_fn(index, batch_size), sde, k, shape, method=method, mask=mask, **opts)
+        x, nfe = sample_fn(make_score_fn(index, batch_size), sde, k, shape, method=method, mask=mask, **extra, **opts)
         return jax.block_until_ready(x), nfe
 
     draw(0, warmup_options(method, options), jax.random.fold_in(key, 10**6))  # compile

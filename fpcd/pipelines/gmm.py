@@ -69,7 +69,7 @@ def _train(cfg, workdir, mesh, mixture, sde, keys, progress):
                        mesh=mesh, workdir=workdir, batch_fn=batch_fn, config=cfg.to_dict(), progress=progress)
 
 
-def _sample(cfg, workdir, state, sde, keys, progress):
+def _sample(cfg, workdir, state, sde, keys, progress, mesh=None):
     score_fn = score_fn_from(state.ema_model, sde, prediction=cfg.train.prediction)
     results = {}
     for i, (name, run) in enumerate(cfg.sampling.runs.items()):
@@ -77,7 +77,7 @@ def _sample(cfg, workdir, state, sde, keys, progress):
         x, nfe, seconds = timed_sampling(
             lambda index, size: score_fn, sde, jax.random.fold_in(keys["sampling"], i),
             num_samples=cfg.sampling.num_samples, batch_size=cfg.sampling.batch_size,
-            sample_shape=(cfg.data.dim,), run=run, description=f"sample {name}", progress=progress,
+            sample_shape=(cfg.data.dim,), run=run, description=f"sample {name}", progress=progress, mesh=mesh,
         )
         if progress:
             print(f"[sample] {name}: NFE {nfe}, {seconds:.2f} s", flush=True)
@@ -169,7 +169,7 @@ def run(cfg, workdir: str, mode: str, mesh, *, progress: bool = True):
         state = restore_stage(stage=STAGE, model=_model(cfg, keys["model"]), train_cfg=cfg.train, sde=sde,
                               key=keys["train"], mesh=mesh, workdir=workdir)
     if mode in ("sample", "all"):
-        results = _sample(cfg, workdir, state, sde, keys, progress)
+        results = _sample(cfg, workdir, state, sde, keys, progress, mesh)
     if mode == "sample":
         return results
     if results is None:

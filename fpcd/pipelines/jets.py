@@ -183,7 +183,7 @@ def _restore(cfg, workdir, mesh, sde, models, keys):
 
 
 def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, key, progress: bool,
-                sample_fn=None, num_samples: int | None = None):
+                sample_fn=None, num_samples: int | None = None, mesh=None):
     """Generate ``num_samples`` (default ``sampling.num_samples``) jets of one type with one sampler
     run (both stages), using ``sample_fn`` (default :func:`fpcd.sampling.sample`).
 
@@ -192,7 +192,7 @@ def sample_type(cfg, states, sde, data: PreparedData, jet_type: str, run: dict, 
     jet_state, particle_state = states
     types, batch = data.types, cfg.sampling.batch_size
     n = num_samples or cfg.sampling.num_samples
-    extra = {} if sample_fn is None else {"sample_fn": sample_fn}
+    extra = {"mesh": mesh} if sample_fn is None else {"sample_fn": sample_fn}
     num_particles = cfg.data.num_particles
     stats = data.stats[jet_type]
     type_cond = jnp.asarray(one_hot(jet_type, types, batch))
@@ -341,7 +341,7 @@ def run(cfg, workdir: str, mode: str, mesh, *, progress: bool = True):
                 run_dict = dict(run_cfg)
                 key = jax.random.fold_in(jax.random.fold_in(keys["sampling"], t_index), r_index)
                 start = time.perf_counter()
-                jets, info = sample_type(cfg, states, sde, data, jet_type, run_dict, key, progress)
+                jets, info = sample_type(cfg, states, sde, data, jet_type, run_dict, key, progress, mesh=mesh)
                 if progress:
                     print(f"[sample] {jet_type} {name}: NFE {info['nfe']} (+{info['nfe_jet_stage']} jet stage), "
                           f"{info['seconds']:.2f} s sampling, {time.perf_counter() - start:.1f} s with compilation",
