@@ -101,6 +101,7 @@ def plot(results: dict, path: str):
             ax.set_title(f"{jet_type} jets: {key.upper()}", fontsize=9)
             ax.set_xlabel("NFE (particle stage)")
         row_axes[0].legend(fontsize=6)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
