@@ -1,6 +1,5 @@
 """Samplers against the exact VP-SDE score of a Gaussian mixture."""
 
-import threading
 
 import equinox as eqx
 import jax
