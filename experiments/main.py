@@ -21,9 +21,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fpcd.parallel import data_mesh, maybe_initialize_distributed  # noqa: E402
-from fpcd.pipelines import gmm, jets  # noqa: E402
+from fpcd.pipelines import calo, gmm, jets  # noqa: E402
 
-PIPELINES = {"gmm": gmm.run, "jetnet": jets.run}
+PIPELINES = {"calo": calo.run, "gmm": gmm.run, "jetnet": jets.run}
 MODES = ("train", "sample", "eval", "all")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -53,7 +53,10 @@ def main(argv):
             for name, r in [("floor", {**row["floor"], "nfe": 0, "jets_per_second": 0.0}), *row["runs"].items()]:
                 print(f"{jet_type:<5}{name:<12}{r['nfe']:>6}{r['jets_per_second'] or 0:>9.1f}{r['w1m']:>10.5f}"
                       f"{r['w1p']:>10.5f}{r['w1efp']:>11.2e}{r['fpd']:>10.4f}{r['kpd']:>11.2e}")
-    if result is not None and "runs" in result:
+    if result is not None and "representation" in result:
+        print(f"results in {os.path.abspath(workdir)}")
+        print(calo.format_results(result))
+    elif result is not None and "runs" in result:
         print(f"results in {os.path.abspath(workdir)}")
         print(f"{'run':<12} {'NFE':>6} {'seconds':>8} {'W1 mean':>9}  (truth floor {result['floor']['w1_mean']:.4f})")
         for name, row in result["runs"].items():

@@ -34,3 +34,15 @@ def write_json(path: str, data) -> str:
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+def open_hdf5(path: str, error: type[Exception] = ValueError):
+    """``h5py.File(path, "r")``, or ``error`` naming the file when it is missing or not HDF5."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise error(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise error(f"{path}: not a readable hdf5 file ({err})") from None

@@ -42,6 +42,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from fpcd.io import open_hdf5
+
 JET_TYPES = ("g", "q", "t", "w", "z")
 PARTICLE_FEATURES = ("eta_rel", "phi_rel", "pt_rel", "mask")
 JET_FEATURES = ("pt", "eta", "mass", "num_particles")
@@ -381,13 +383,7 @@ def load(path: str, *, jet_type: str | None = None, num_particles: int | None = 
       JetDataError: missing file or dataset, wrong shapes, NaN/inf, or an inconsistent type,
         with the file and the problem named.
     """
-    if not os.path.exists(path):
-        raise JetDataError(f"{path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise JetDataError(f"{path}: not a readable hdf5 file ({err})") from None
-    with f:
+    with open_hdf5(path, JetDataError) as f:
         for name in ("particle_features", "jet_features"):
             if name not in f:
                 raise JetDataError(f"{path}: missing dataset {name!r} (found {sorted(f.keys())}); "

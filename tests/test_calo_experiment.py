@@ -1,0 +1,230 @@
+"""The calorimeter experiment end to end (tiny presets: point cloud on 4 forced CPU devices, then the
+image model with the comparison table), its pre/post-processing and its input errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from fpcd.config import ConfigError
+from fpcd.data import calo
+from fpcd.pipelines import calo as pipeline
+from fpcd.sampling import nfe_of
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import calo as calo_config  # noqa: E402  (experiments/calo.py)
+
+
+def _main(workdir, variant, *args, devices=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if devices:
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--config=experiments/calo.py:{variant}",
+           f"--workdir={workdir}", "--progress=false", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calo")
+    cloud, image = root / "cloud", root / "image"
+    proc = _main(cloud, "tiny", devices=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc_image = _main(image, "tiny,image", f"--config.eval.compare_with={cloud}")
+    assert proc_image.returncode == 0, proc_image.stderr[-4000:]
+    return cloud, image, proc, proc_image
+
+
+@pytest.mark.parametrize("which", ["cloud", "image"])
+def test_tiny_runs_write_every_output(runs, which):
+    cloud, image, *_ = runs
+    workdir = cloud if which == "cloud" else image
+    cfg = calo_config.get_config("tiny" if which == "cloud" else "tiny,image")
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["representation"] == which and set(metrics["runs"]) == set(cfg.sampling.runs)
+    levels = ("cell", "voxel") if which == "cloud" else ("voxel",)
+    for name, r in metrics["runs"].items():
+        run = dict(cfg.sampling.runs[name])
+        expected = nfe_of(run.pop("method"), **run)
+        assert r["nfe"] == expected if expected is not None else r["nfe"] > 6
+        assert r["seconds"] > 0 and r["ms_per_shower"] > 0
+        for level in levels:
+            w1 = r[level]["w1"]
+            assert set(w1) == set(metrics["floor"][level])
+            assert all(np.isfinite(v) and v >= 0 for v in w1.values())
+            assert 0 <= r[level]["classifier_high_level"]["auc"] <= 1
+        assert 0 <= r["voxel"]["classifier_voxel_image"]["auc"] <= 1
+    summary = metrics["summary"]
+    assert summary["parameters_stage2"] > 0 and summary["training_seconds_stage2"] > 0
+    assert summary["train_step_memory_mb_stage2"] > 0
+    # samples.h5 is in the point-cloud layout: the loader reads it.
+    showers = calo.load(str(workdir / "samples.h5"))
+    assert len(showers) == cfg.sampling.num_samples and showers.cells.shape[2] == 5
+    mask = showers.mask
+    assert np.all(showers.cells[..., 0][mask] >= 0)
+    with h5py.File(workdir / "samples.h5", "r") as f:
+        assert set(f["runs"]) == set(cfg.sampling.runs)
+        assert f["voxels"].shape == (cfg.sampling.num_samples, 11, 11, 11)
+    for level in levels:
+        for prefix in ("observables", "profiles"):
+            assert (workdir / f"{prefix}_{level}.png").stat().st_size > 10_000
+    assert (workdir / "nfe_vs_w1.png").exists()
+
+
+def test_point_cloud_samples_respect_stage_one(runs):
+    cloud, *_ = runs
+    with h5py.File(cloud / "samples.h5", "r") as f:
+        cells, cluster = f["hcal_cells"][()], f["cluster"][()]
+    mask = cells[..., 4] > 0.5
+    # Cells sit at cell centres, one per cell, and sum to the stored total.
+    g = calo.EPIC_FORWARD_HCAL
+    real = cells[mask]
+    np.testing.assert_allclose(np.min(np.abs(real[:, 1:2] - g.cell_centres()[None]), axis=1), 0, atol=1e-2)
+    np.testing.assert_allclose(np.min(np.abs(real[:, 3:4] - g.layer_centres()[None]), axis=1), 0, atol=1e-2)
+    for shower, m in zip(cells, mask):
+        keys = {tuple(np.round(c[1:4], 2)) for c in shower[m]}
+        assert len(keys) == m.sum()
+    np.testing.assert_allclose(cells[..., 0].sum(axis=1), cluster[:, 2], rtol=1e-5)
+
+
+def test_comparison_table_and_eval_only_rerun(runs):
+    cloud, image, _, proc_image = runs
+    table = (image / "comparison.md").read_text()
+    assert "| quantity | point cloud | image |" in table and "classifier AUC, voxel image" in table
+    rows = json.loads((image / "comparison.json").read_text())
+    assert set(rows) == {"cloud", "image"}
+    assert "point cloud" in proc_image.stdout
+    before = json.loads((cloud / "metrics.json").read_text())
+    proc = _main(cloud, "tiny", "--mode=eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((cloud / "metrics.json").read_text())
+    for name in before["runs"]:  # same samples, same evaluation seed: same numbers
+        assert after["runs"][name]["cell"]["w1"] == before["runs"][name]["cell"]["w1"]
+
+
+def test_cell_features_round_trip():
+    showers = calo.simulate(50, seed=3)
+    noise = np.full(showers.cells.shape[:2] + (3,), 0.5)  # no jitter
+    features = pipeline.cell_features(showers.cells, showers.theta, noise)
+    real = showers.mask
+    # The offsets from the trajectory's cell are integers, mostly small.
+    np.testing.assert_array_equal(features[..., 1:][real], np.round(features[..., 1:][real]))
+    assert np.median(np.abs(features[..., 1][real])) <= 1
+    cells = pipeline.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
+    np.testing.assert_allclose(cells, showers.cells, rtol=2e-4, atol=1e-6)
+    # Dequantisation noise of any width up to a whole cell maps back to the same cell.
+    noise = np.random.default_rng(0).random(showers.cells.shape[:2] + (3,)) * 0.998 + 0.001
+    for width in (0.3, 1.0):
+        features = pipeline.cell_features(showers.cells, showers.theta, noise, dequantisation=width)
+        cells = pipeline.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
+        np.testing.assert_allclose(cells[..., 1:], showers.cells[..., 1:], atol=1e-3)
+
+
+def test_image_transform_round_trip():
+    images = calo.to_voxels(calo.simulate(30, seed=2).cells)
+    total = images.sum(axis=(1, 2, 3))
+    logs = pipeline.image_to_log_fractions(images)
+    assert logs.min() == pytest.approx(-6) and logs.max() <= 0
+    np.testing.assert_allclose(pipeline.log_fractions_to_image(logs, total), images, rtol=1e-5, atol=1e-9)
+
+
+def test_two_points_in_one_cell_are_merged():
+    cells = np.zeros((1, 3, 5), np.float32)
+    g = calo.EPIC_FORWARD_HCAL
+    for i, e in enumerate((0.3, 0.1, 0.2)):
+        cells[0, i] = [e, g.cell_centres()[30 + (i == 2)], g.cell_centres()[27], g.layer_centres()[4], 1]
+    features = pipeline.cell_features(cells, np.array([17.0]), np.full((1, 3, 3), 0.5))
+    out = pipeline.cells_from_features(features, cells[..., 4], np.array([17.0]), np.array([1.2]), 3,
+                                       resolve_collisions=False)
+    assert out[0, :, 4].sum() == 2
+    np.testing.assert_allclose(out[0, :2, 0], [0.8, 0.4], rtol=1e-5)  # (0.3 + 0.1, 0.2) scaled to 1.2
+
+
+def test_colliding_points_move_to_the_nearest_free_cell():
+    g = calo.EPIC_FORWARD_HCAL
+    theta = np.array([17.0])
+    track_x, track_y = pipeline.track_cells(theta)
+    # Three points around the track cell of layer 10: two round to the same cell; the weaker one
+    # (at layer 10.1, dx = +0.3) moves to the nearest free cell in mm, the next layer (23.4 mm
+    # away) rather than the next cell sideways (100 mm). The third point keeps dx = -1.
+    features = np.array([[[np.log10(0.3), 0.1, 0.0, 10.0], [np.log10(0.1), 0.3, 0.1, 10.1],
+                          [np.log10(0.2), -1.0, 0.0, 10.0]]], np.float32)
+    out = pipeline.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3)
+    assert out[0, :, 4].sum() == 3
+    layer, ix, iy = calo.cell_indices(out[0, :, 1:4])
+    np.testing.assert_array_equal(layer, [10, 10, 11])  # sorted by energy: 0.3, 0.2, 0.1
+    np.testing.assert_array_equal(ix - track_x[0, 10], [0, -1, 0])
+    np.testing.assert_array_equal(iy - track_y[0, 10], [0, 0, 0])
+    np.testing.assert_allclose(out[0, :, 0], [0.3, 0.2, 0.1], rtol=1e-5)
+    np.testing.assert_allclose(out[0, :, 3], g.layer_centres()[[10, 10, 11]])
+
+
+def test_buckets():
+    counts = np.array([5, 10, 40, 41, 70, 120, 130, 10, 12, 33])
+    lengths, index = pipeline.training_buckets(counts, (32, 64, 136), batch_size=3)
+    assert lengths == (32, 64, 136)
+    assert np.all(counts <= np.asarray(lengths)[index])
+    lengths, index = pipeline.training_buckets(counts, (32, 64, 136), batch_size=4)
+    assert lengths == (32, 136)  # the 64-bucket held 3 < 4 showers and merges upwards
+    bucket, idx = pipeline.bucketed_batch(0, 5, index, 4)
+    assert len(idx) == 4 and np.all(index[idx] == bucket)
+    np.testing.assert_array_equal(pipeline.bucketed_batch(0, 5, index, 4)[1], idx)
+
+
+def _cfg(**overrides):
+    cfg = calo_config.get_config("tiny")
+    with cfg.unlocked():
+        for key, value in overrides.items():
+            section, _, field = key.rpartition(".")
+            (cfg if not section else cfg[section])[field] = value
+    return cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"representation": "voxels"}, "representation"),
+    ({"data.momentum_range": (10.0, 1.0)}, "momentum_range"),
+    ({"data.buckets": "32,x"}, "data.buckets"),
+    ({"data.dequantisation": 1.5}, "data.dequantisation"),
+    ({"cell_model.num_heads": 3}, "divisible"),
+    ({"image_model.channels": "8,-16"}, "image_model.channels"),
+    ({"eval.momentum_bins": "5,1"}, "momentum_bins"),
+])
+def test_bad_config_values_raise(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        pipeline.validate(_cfg(**overrides), num_devices=1)
+
+
+def test_calochallenge_file_and_nan_file_are_refused(tmp_path):
+    path = tmp_path / "cc.h5"
+    with h5py.File(path, "w") as f:
+        f["incident_energies"] = np.ones((30, 1))
+        f["showers"] = np.ones((30, 10))
+    with pytest.raises(ConfigError, match="CaloChallenge"):
+        pipeline.PreparedData(_cfg(**{"data.path": str(path)}), progress=False)
+    showers = calo.simulate(40, seed=1)
+    showers.cells[3, 0, 0] = np.nan
+    bad = calo.save(str(tmp_path / "nan.h5"), showers)
+    with pytest.raises(ConfigError, match="nan.h5.*NaN"):
+        pipeline.PreparedData(_cfg(**{"data.path": bad}), progress=False)
+
+
+def test_unknown_variant_raises():
+    with pytest.raises(ValueError, match="unknown variant"):
+        calo_config.get_config("huge")
+    with pytest.raises(ValueError, match="unknown variant"):
+        calo_config.get_config("full,tiny")
+
+
+def test_readme_first_command_is_the_default_calo_run():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    first = text.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert first == "pip install -r requirements.txt && python experiments/main.py --config=experiments/calo.py"
+    cfg = calo_config.get_config("")
+    pipeline.validate(cfg, num_devices=1)
+    assert cfg.representation == "cloud" and not cfg.data.path  # built-in data
