@@ -115,10 +115,6 @@ class CaloGeometry:
     hadronic_spots: int = 1024
     max_cells: int = 200
 
-    @property
-    def layer_mm(self):
-        return self.layer_pitch_mm
-
     def _effective(self, absorber, active):
         return self.layer_pitch_mm / (self.absorber_mm / absorber + self.active_mm / active)
 

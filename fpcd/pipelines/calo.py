@@ -609,7 +609,7 @@ def _classifier(cfg, truth, generated, seed):
                                        epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate)
 
 
-def _evaluate(cfg, workdir, data: PreparedData, samples: dict, progress: bool):
+def _evaluate(cfg, workdir, data: PreparedData, samples: dict, models, progress: bool):
     n = cfg.sampling.num_samples
     truth_a, truth_b = data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
     levels = ("cell", "voxel") if cfg.representation == "cloud" else ("voxel",)
@@ -668,7 +668,7 @@ def _evaluate(cfg, workdir, data: PreparedData, samples: dict, progress: bool):
             for name, r in metrics["runs"].items()}
     nfe_vs_w1(runs, os.path.join(workdir, "nfe_vs_w1.png"), floor=1.0, metric_key="w1_over_floor",
               ylabel="voxel-level W1 / truth floor (mean over observables)")
-    metrics["summary"] = _summary(cfg, workdir, metrics)
+    metrics["summary"] = _summary(cfg, workdir, metrics, models)
     write_json(os.path.join(workdir, "metrics.json"), metrics)
     comparison = compare_with(cfg, workdir, metrics)
     if comparison is not None:
@@ -676,9 +676,8 @@ def _evaluate(cfg, workdir, data: PreparedData, samples: dict, progress: bool):
     return metrics
 
 
-def _summary(cfg, workdir, metrics) -> dict:
+def _summary(cfg, workdir, metrics, models) -> dict:
     """The row of this run in the point-cloud vs image table (first sampler run)."""
-    models = make_models(cfg, jax.random.key(0))
     info_path = os.path.join(workdir, TRAIN_TIME_FILE)
     train_info = _read_json(info_path)
     stage = stage_name(cfg)
@@ -793,4 +792,4 @@ def run(cfg, workdir: str, mode: str, mesh, *, progress: bool = True):
             return None
     else:
         samples = _read_samples(workdir)
-    return _evaluate(cfg, workdir, data, samples, progress)
+    return _evaluate(cfg, workdir, data, samples, models, progress)
