@@ -11,14 +11,7 @@ JetNet files with ``--config.data.path_pattern=/data/jetnet/{type}.hdf5`` (``{ty
 
 import ml_collections
 
-
-def _train(num_steps, batch_size, learning_rate, warmup_steps, checkpoint_every, log_every=100):
-    return ml_collections.ConfigDict({
-        "num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-        "warmup_steps": warmup_steps, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0,
-        "ema_decay": 0.999, "prediction": "v", "t_min": 1e-5, "log_every": log_every,
-        "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
-    })
+from fpcd.config import train_section as _train
 
 
 def get_config(variant: str = ""):

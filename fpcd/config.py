@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numbers
 
+import ml_collections
+
 from fpcd.nets import PREDICTIONS
 from fpcd.sampling import METHOD_DEFAULTS, _check_options
 from fpcd.sde import SCHEDULES
@@ -58,6 +60,18 @@ def validate_sde(cfg) -> None:
     if beta_max <= beta_min:
         raise ConfigError(f"config.sde.beta_max ({beta_max}) must exceed config.sde.beta_min ({beta_min})")
     require_choice(cfg, "sde.schedule", SCHEDULES)
+
+
+def train_section(num_steps: int, batch_size: int, learning_rate: float, warmup_steps: int, checkpoint_every: int,
+                  *, log_every: int = 100, ema_decay: float = 0.999, prediction: str = "v"):
+    """A training section with every field :func:`validate_train` checks (cosine schedule, clipping
+    at 1, no weight decay, ``t_min = 1e-5``, two checkpoints kept)."""
+    return ml_collections.ConfigDict({
+        "num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
+        "warmup_steps": warmup_steps, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0,
+        "ema_decay": ema_decay, "prediction": prediction, "t_min": 1e-5, "log_every": log_every,
+        "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
+    })
 
 
 def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None:
