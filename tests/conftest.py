@@ -1,5 +1,9 @@
 """Shared fixtures: the VP SDE and a Gaussian mixture with exact score and density."""
 
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -52,3 +56,17 @@ class OracleNet(eqx.Module):
             return eps
         x0 = (x - sigma * eps) / alpha
         return alpha * eps - sigma * x0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(config: str, *args, devices: int | None = None, timeout: int = 900):
+    """Run ``experiments/main.py --config=<config> --progress=false *args`` in a subprocess from the
+    repository root; ``devices`` forces that many CPU devices."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if devices:
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--config={config}", "--progress=false",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)

@@ -3,13 +3,13 @@ image model with the comparison table), its pre/post-processing and its input er
 
 import json
 import os
-import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import run_main
 from fpcd.config import ConfigError
 from fpcd.data import calo
 from fpcd.pipelines import calo as pipeline
@@ -21,12 +21,7 @@ import calo as calo_config  # noqa: E402  (experiments/calo.py)
 
 
 def _main(workdir, variant, *args, devices=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if devices:
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--config=experiments/calo.py:{variant}",
-           f"--workdir={workdir}", "--progress=false", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+    return run_main(f"experiments/calo.py:{variant}", f"--workdir={workdir}", *args, devices=devices)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import h5py
 import pytest
 
+from conftest import run_main
 from fpcd.config import ConfigError
 from fpcd.pipelines import gmm
 from fpcd.sampling import nfe_of
@@ -18,10 +18,7 @@ import gmm as gmm_config  # noqa: E402  (experiments/gmm.py)
 
 
 def _main(*args):
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), "--config=experiments/gmm.py:tiny",
-           "--progress=false", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return run_main("experiments/gmm.py:tiny", *args, timeout=600)
 
 
 @pytest.fixture(scope="module")

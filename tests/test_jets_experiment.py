@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
 
+from conftest import run_main
 from fpcd.config import ConfigError
 from fpcd.data.jetnet import load
 from fpcd.pipelines import jets as jets_pipeline
@@ -20,12 +20,8 @@ import jetnet as jetnet_config  # noqa: E402  (experiments/jetnet.py)
 
 
 def _main(workdir, cache, *args, devices=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if devices:
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), "--config=experiments/jetnet.py:tiny",
-           f"--workdir={workdir}", f"--config.data.cache_dir={cache}", "--progress=false", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+    return run_main("experiments/jetnet.py:tiny", f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *args,
+                    devices=devices)
 
 
 @pytest.fixture(scope="module")
