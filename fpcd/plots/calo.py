@@ -38,6 +38,23 @@ def _ratio_axes(fig, grid, row, col):
     return top, bottom
 
 
+def _label_panel(top, bottom, *, row, col, num_cols, momentum_bin, xlabel):
+    """Momentum title on the first row, axis label and small ticks, the legend in the top-right panel."""
+    if row == 0:
+        top.set_title(f"{momentum_bin[0]:g} < P < {momentum_bin[1]:g} GeV", fontsize=9)
+    bottom.set_xlabel(xlabel, fontsize=8)
+    top.tick_params(labelsize=7)
+    bottom.tick_params(labelsize=7)
+    if row == 0 and col == num_cols - 1:
+        top.legend(fontsize=7)
+
+
+def _save(fig, title, path):
+    if title:
+        fig.suptitle(title, y=1.0)
+    return save_figure(fig, path)
+
+
 def _ratio(num, den):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / den, np.nan)
@@ -67,18 +84,11 @@ def observables_by_momentum(truth: dict, truth_momentum, generated: dict, bins, 
                 h = _density(g, edges)
                 line = top.stairs(h, edges, label=name)
                 bottom.stairs(_ratio(h, reference), edges, color=line.get_edgecolor())
-            if row == 0:
-                top.set_title(f"{lo:g} < P < {hi:g} GeV", fontsize=9)
-            bottom.set_xlabel(LABELS.get(obs, obs), fontsize=8)
+            _label_panel(top, bottom, row=row, col=col, num_cols=len(pbins), momentum_bin=(lo, hi),
+                         xlabel=LABELS.get(obs, obs))
             if col == 0:
                 bottom.set_ylabel("gen/truth", fontsize=7)
-            top.tick_params(labelsize=7)
-            bottom.tick_params(labelsize=7)
-            if row == 0 and col == len(pbins) - 1:
-                top.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, y=1.0)
-    return save_figure(fig, path)
+    return _save(fig, title, path)
 
 
 def profiles_by_momentum(truth: dict, truth_momentum, generated: dict, bins, path, *, title=""):
@@ -87,7 +97,8 @@ def profiles_by_momentum(truth: dict, truth_momentum, generated: dict, bins, pat
     fig = plt.figure(figsize=(3.4 * len(pbins), 5.8))
     grid = fig.add_gridspec(4, len(pbins), height_ratios=[3, 1, 3, 1], hspace=0.08)
     radial_centres = np.arange(len(RADIAL_EDGES_MM) - 1)
-    for row, (obs, xlabel) in enumerate((("energy_per_layer", "layer"), ("radial_profile", "radial bin"))):
+    for row, (obs, xlabel) in enumerate((("energy_per_layer", "layer"),
+                                         ("radial_profile", "distance from centroid [mm]"))):
         for col, (lo, hi) in enumerate(pbins):
             top, bottom = _ratio_axes(fig, grid, row, col)
             sel = (truth_momentum >= lo) & (truth_momentum < hi)
@@ -102,17 +113,8 @@ def profiles_by_momentum(truth: dict, truth_momentum, generated: dict, bins, pat
                     line, = top.plot(x, g.mean(axis=0), lw=1, label=name)
                     bottom.plot(x, _ratio(g.mean(axis=0), reference), lw=1, color=line.get_color())
             top.set_yscale("log")
-            if row == 0:
-                top.set_title(f"{lo:g} < P < {hi:g} GeV", fontsize=9)
             if obs == "radial_profile":
                 bottom.set_xticks(radial_centres, [f"<{e:g}" for e in RADIAL_EDGES_MM[1:-1]] + [">"], fontsize=6)
-                xlabel = "distance from centroid [mm]"
-            bottom.set_xlabel(xlabel, fontsize=8)
             top.set_ylabel("mean energy [GeV]" if obs == "energy_per_layer" else "energy fraction", fontsize=7)
-            top.tick_params(labelsize=7)
-            bottom.tick_params(labelsize=7)
-            if row == 0 and col == len(pbins) - 1:
-                top.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, y=1.0)
-    return save_figure(fig, path)
+            _label_panel(top, bottom, row=row, col=col, num_cols=len(pbins), momentum_bin=(lo, hi), xlabel=xlabel)
+    return _save(fig, title, path)
