@@ -4,12 +4,18 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: launch.sh [--slurm|--tpu NAME --zone ZONE|--local] [--nodes N] [--gpus-per-node G]
+Usage: launch.sh [--slurm|--tpu NAME --zone ZONE|--local [--processes N]] [--nodes N] [--gpus-per-node G]
                  [--time HH:MM:SS] [--partition P] -- [main.py flags]
 
 Runs `python experiments/main.py <main.py flags>` data-parallel over all accelerators.
 
   --local              run here (default); every local device is used.
+  --processes N        with --local: start N processes on this machine joined by jax.distributed
+                       (coordinator on 127.0.0.1, a free port; CPU collectives over gloo), each
+                       feeding its own share of every batch, exactly as the N nodes of a cluster
+                       job would. Only process 0 writes files and prints; if one process fails,
+                       the others are stopped. Try a cluster job this way before submitting it:
+                         ./launch.sh --local --processes 2 -- --config=experiments/gmm.py:tiny
   --slurm              submit with sbatch: one task per node (--nodes N, default 1), each task sees
                        --gpus-per-node G GPUs (default 8); jax.distributed.initialize() picks up the
                        SLURM environment, so every process trains on its share of each batch.
@@ -25,7 +31,7 @@ A killed or preempted run resumes from its newest checkpoint when started again 
 USAGE
 }
 
-mode=local nodes=1 gpus=8 walltime=24:00:00 partition="" tpu="" zone=""
+mode=local processes=1 nodes=1 gpus=8 walltime=24:00:00 partition="" tpu="" zone=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -33,6 +39,7 @@ while [ $# -gt 0 ]; do
     --slurm) mode=slurm ;;
     --tpu) mode=tpu; tpu="$2"; shift ;;
     --zone) zone="$2"; shift ;;
+    --processes) processes="$2"; shift ;;
     --nodes) nodes="$2"; shift ;;
     --gpus-per-node) gpus="$2"; shift ;;
     --time) walltime="$2"; shift ;;
@@ -49,7 +56,29 @@ quoted=$(printf ' %q' "${main_args[@]+"${main_args[@]}"}")
 
 case "$mode" in
   local)
-    exec python "$repo/experiments/main.py" "${main_args[@]+"${main_args[@]}"}"
+    case "$processes" in ''|*[!0-9]*|0) echo "launch.sh: --processes needs a positive integer, got '$processes'" >&2; exit 2 ;; esac
+    if [ "$processes" -eq 1 ]; then
+      exec python "$repo/experiments/main.py" "${main_args[@]+"${main_args[@]}"}"
+    fi
+    port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    pids=()
+    for ((i = 0; i < processes; i++)); do
+      JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
+        python "$repo/experiments/main.py" "${main_args[@]+"${main_args[@]}"}" &
+      pids+=("$!")
+    done
+    trap 'kill "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
+    status=0
+    for ((done_count = 0; done_count < processes; done_count++)); do
+      code=0
+      wait -n || code=$?
+      if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status=$code
+        echo "launch.sh: a process exited with status $code; stopping the others" >&2
+        kill "${pids[@]}" 2>/dev/null || true
+      fi
+    done
+    exit "$status"
     ;;
   slurm)
     command -v sbatch >/dev/null || { echo "launch.sh: sbatch not found: not on a SLURM login node" >&2; exit 1; }

@@ -63,7 +63,7 @@ def generator_figures(num_showers: int, repeats: int) -> dict:
 
 
 def comparison(cloud_dir: str, image_dir: str) -> dict:
-    from fpcd.pipelines.calo import comparison_table
+    from fpcd.experiments.calo import comparison_table
 
     summaries = {}
     for name, path in (("cloud", cloud_dir), ("image", image_dir)):

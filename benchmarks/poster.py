@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import matplotlib  # noqa: E402
@@ -31,13 +28,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scipy_rk45 import sample_scipy_rk45  # noqa: E402  (benchmarks/scipy_rk45.py)
+
+from fpcd.data.jetnet import JetSet  # noqa: E402
+from fpcd.experiments.jets import JetsExperiment  # noqa: E402
 from fpcd.io import write_json  # noqa: E402
 from fpcd.metrics import jets as jet_metrics  # noqa: E402
 from fpcd.parallel import data_mesh  # noqa: E402
-from fpcd.pipelines import jets as pipeline  # noqa: E402
-from fpcd.pipelines.common import build_sde  # noqa: E402
 from fpcd.plots.common import save_figure  # noqa: E402
-from fpcd.sampling import sample, sample_scipy_rk45  # noqa: E402
+from fpcd.runner import BatchSampler, restore_models, run_key  # noqa: E402
+from fpcd.sampling import sample  # noqa: E402
 
 BASELINE = "rk45_1e-5"
 TOLERANCE = 0.10
@@ -54,8 +54,8 @@ def sweep(quick: bool):
     for steps in ((50, 300) if quick else (50, 100, 300, 500, 1000)):
         rows[f"em_{steps}"] = (sample, {"method": "em", "steps": steps})
     for steps in ((25, 125) if quick else (25, 50, 125, 250, 500)):
-        for snr in ((0.16,) if quick else (0.1, 0.16, 0.3)):
-            rows[f"pc_{steps}_snr{snr}"] = (sample, {"method": "pc", "steps": steps, "snr": snr})
+        for snr in ((0.16,) if quick else (0.1, 0.16, 0.3)):  # named by NFE, as in every config
+            rows[f"pc_{2 * steps}_snr{snr}"] = (sample, {"method": "pc", "steps": steps, "snr": snr})
     for steps in ((10, 100) if quick else (10, 50, 100, 500)):
         rows[f"ddim_{steps}"] = (sample, {"method": "ddim", "steps": steps})
     return rows
@@ -115,12 +115,11 @@ def main():
 
     with open(os.path.join(args.workdir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    types = pipeline.jet_types(cfg)
-    data = pipeline.PreparedData(cfg, types, progress=True)
-    sde = build_sde(cfg)
-    keys = pipeline._keys(cfg)
-    models = pipeline.make_models(cfg, len(types), keys["models"])
-    states = pipeline._restore(cfg, args.workdir, data_mesh(), sde, models, keys)
+    experiment = JetsExperiment(cfg, progress=True)
+    data = experiment.load_data()
+    types = data.types
+    mesh = data_mesh()
+    models = restore_models(experiment, experiment.stages(data), mesh, args.workdir)
     n = args.num_samples or cfg.sampling.num_samples
     results = {}
     for t_index, jet_type in enumerate(types):
@@ -129,9 +128,10 @@ def main():
         floor = w1s(truth, other, cfg.eval.seed)
         rows = {}
         for r_index, (name, (sample_fn, run)) in enumerate(sweep(args.quick).items()):
-            key = jax.random.fold_in(jax.random.fold_in(keys["sampling"], t_index), 100 + r_index)
-            jets, info = pipeline.sample_type(cfg, states, sde, data, jet_type, dict(run), key, progress=False,
-                                              sample_fn=sample_fn, num_samples=n)
+            key = run_key(experiment.key("sampling"), types, t_index, 100 + r_index)
+            sampler = BatchSampler(experiment.sde, mesh, progress=False, sample_fn=sample_fn)
+            arrays, info = experiment.generate(data, models, jet_type, dict(run), key, sampler, num_samples=n)
+            jets = JetSet(jet_type, arrays["particle_features"], arrays["jet_features"])
             rows[name] = {**run, "nfe": info["nfe"], "nfe_jet_stage": info["nfe_jet_stage"],
                           "seconds": info["seconds"], **w1s(truth, jets, cfg.eval.seed)}
             print(f"{jet_type} {name:<16} NFE {info['nfe']:>5}  {info['seconds']:8.2f} s  "

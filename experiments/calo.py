@@ -46,14 +46,14 @@ def get_config(variant: str = ""):
     cfg.data.test_fraction = 0.25
     cfg.data.dequantisation = 0.5  # width of the uniform noise on cell indices (1: the whole cell)
     cfg.data.max_cells = 0  # 0: the largest shower, rounded up to a multiple of 8
-    cfg.data.buckets = "32,64,96,128"  # padded lengths of the N_cells buckets (point clouds)
+    cfg.data.buckets = (32, 64, 96, 128)  # padded lengths of the N_cells buckets (point clouds)
 
     cfg.sde = ml_collections.ConfigDict({"beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"})
 
     cfg.cluster_model = ml_collections.ConfigDict({"width": 64, "depth": 2, "fourier_scale": 16.0})
     cfg.cell_model = ml_collections.ConfigDict({"width": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2,
                                                 "fourier_scale": 16.0})
-    cfg.image_model = ml_collections.ConfigDict({"channels": "8,16,32", "context_width": 64, "fourier_scale": 16.0})
+    cfg.image_model = ml_collections.ConfigDict({"channels": (8, 16, 32), "context_width": 64, "fourier_scale": 16.0})
     cfg.train_cluster = _train(3000, 256, 1e-3, 100, 1000)
     cfg.train = _train(5000, 64, 1e-3, 100, 500) if not image else _train(1500, 32, 1e-3, 100, 500)
 
@@ -68,8 +68,8 @@ def get_config(variant: str = ""):
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.seed = 42
-    cfg.eval.momentum_bins = "1,5,20,100"
-    cfg.eval.classifier = ml_collections.ConfigDict({"hidden": "256,256", "epochs": 60, "batch_size": 256,
+    cfg.eval.momentum_bins = (1.0, 5.0, 20.0, 100.0)
+    cfg.eval.classifier = ml_collections.ConfigDict({"hidden": (256, 256), "epochs": 60, "batch_size": 256,
                                                      "learning_rate": 5e-4})
     if image:  # a U-Net shower costs ~9x a point-cloud one on CPU: one sampler
         cfg.sampling.runs = ml_collections.ConfigDict({"ddim_50": {"method": "ddim", "steps": 50}})
@@ -80,10 +80,10 @@ def get_config(variant: str = ""):
         cfg.data.num_showers = 400
         cfg.data.test_fraction = 0.3
         cfg.data.momentum_range = (2.0, 30.0)
-        cfg.data.buckets = "32"
+        cfg.data.buckets = (32,)
         cfg.cluster_model.update({"width": 16, "depth": 1})
         cfg.cell_model.update({"width": 16, "depth": 1, "num_heads": 2})
-        cfg.image_model.update({"channels": "4,8", "context_width": 16})
+        cfg.image_model.update({"channels": (4, 8), "context_width": 16})
         cfg.train_cluster = _train(60, 32, 2e-3, 5, 30, log_every=30)
         cfg.train = _train(60, 16, 2e-3, 5, 30, log_every=30)
         cfg.sampling.num_samples = 48
@@ -94,14 +94,14 @@ def get_config(variant: str = ""):
         })
         if image:
             del cfg.sampling.runs["ode_1e-2"]
-        cfg.eval.momentum_bins = "2,8,30"
-        cfg.eval.classifier.update({"hidden": "16", "epochs": 3, "batch_size": 16})
+        cfg.eval.momentum_bins = (2.0, 8.0, 30.0)
+        cfg.eval.classifier.update({"hidden": (16,), "epochs": 3, "batch_size": 16})
     elif scale == "full":
         cfg.data.num_showers = 120_000
         cfg.data.test_fraction = 0.2
         cfg.cluster_model.update({"width": 128, "depth": 3})
         cfg.cell_model.update({"width": 128, "depth": 6, "num_heads": 8})
-        cfg.image_model.update({"channels": "32,64,128", "context_width": 128})
+        cfg.image_model.update({"channels": (32, 64, 128), "context_width": 128})
         cfg.train_cluster = _train(30_000, 1024, 1e-3, 1000, 5000, ema_decay=0.999)
         cfg.train = _train(200_000, 256, 3e-4, 5000, 5000, ema_decay=0.999)
         cfg.sampling.num_samples = 10_000
@@ -112,6 +112,6 @@ def get_config(variant: str = ""):
             "ddim_100": {"method": "ddim", "steps": 100},
             "ode_1e-5": {"method": "ode", "rtol": 1e-5, "atol": 1e-5},
         })
-        cfg.eval.classifier.update({"hidden": "2048,2048,2048", "epochs": 50, "batch_size": 1000,
+        cfg.eval.classifier.update({"hidden": (2048, 2048, 2048), "epochs": 50, "batch_size": 1000,
                                     "learning_rate": 2e-4})
     return cfg

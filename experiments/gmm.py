@@ -52,8 +52,8 @@ def get_config(variant: str = ""):
         {
             "em_100": {"method": "em", "steps": 100},
             "em_500": {"method": "em", "steps": 500},
-            "pc_50": {"method": "pc", "steps": 50, "snr": 0.16},
-            "pc_250": {"method": "pc", "steps": 250, "snr": 0.16},
+            "pc_100": {"method": "pc", "steps": 50, "snr": 0.16},
+            "pc_500": {"method": "pc", "steps": 250, "snr": 0.16},
             "ddim_20": {"method": "ddim", "steps": 20},
             "ddim_100": {"method": "ddim", "steps": 100},
             "ode_1e-3": {"method": "ode", "rtol": 1e-3, "atol": 1e-3},
@@ -64,19 +64,21 @@ def get_config(variant: str = ""):
     if variant == "tiny":
         cfg.data.num_train = 4096
         cfg.data.num_test = 2000
-        cfg.model.width = 32
+        cfg.model.width = 64
         cfg.model.depth = 2
-        cfg.train.num_steps = 200
+        cfg.train.num_steps = 500  # enough to beat the prior clearly (W1 ~0.12 vs 0.31), which the tests check
         cfg.train.batch_size = 256
+        cfg.train.learning_rate = 3e-3
+        cfg.train.prediction = "v"  # eps-prediction diverges near t_min after so few steps
         cfg.train.warmup_steps = 20
         cfg.train.log_every = 50
-        cfg.train.checkpoint_every = 100
+        cfg.train.checkpoint_every = 250
         cfg.sampling.num_samples = 1000
         cfg.sampling.batch_size = 500
         cfg.sampling.runs = ml_collections.ConfigDict(
             {
                 "em_20": {"method": "em", "steps": 20},
-                "pc_10": {"method": "pc", "steps": 10},
+                "pc_20": {"method": "pc", "steps": 10},
                 "ddim_10": {"method": "ddim", "steps": 10},
                 "ode_1e-3": {"method": "ode", "rtol": 1e-3, "atol": 1e-3},
             }

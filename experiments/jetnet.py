@@ -23,7 +23,7 @@ def get_config(variant: str = ""):
     cfg.seed = 0
 
     cfg.data = ml_collections.ConfigDict()
-    cfg.data.jet_types = "g,q,t,w,z"
+    cfg.data.jet_types = ("g", "q", "t", "w", "z")
     cfg.data.num_particles = 30
     cfg.data.num_jets = 8000  # per type, generated
     cfg.data.test_fraction = 0.3
@@ -52,7 +52,7 @@ def get_config(variant: str = ""):
     cfg.eval = ml_collections.ConfigDict({"num_batches": 5, "seed": 42})
 
     if variant == "tiny":
-        cfg.data.jet_types = "q,t"
+        cfg.data.jet_types = ("q", "t")
         cfg.data.num_jets = 400
         cfg.jet_model.update({"width": 32, "depth": 2})
         cfg.particle_model.update({"width": 16, "depth": 1, "num_heads": 2})
@@ -62,7 +62,7 @@ def get_config(variant: str = ""):
         cfg.sampling.batch_size = 60
         cfg.sampling.runs = ml_collections.ConfigDict({
             "em_20": {"method": "em", "steps": 20},
-            "pc_10": {"method": "pc", "steps": 10},
+            "pc_20": {"method": "pc", "steps": 10},
             "ddim_10": {"method": "ddim", "steps": 10},
             "ode_1e-2": {"method": "ode", "rtol": 1e-2, "atol": 1e-2},
         })

@@ -1,13 +1,14 @@
 """The single entry point of fpcd experiments.
 
-    python experiments/main.py --config=experiments/gmm.py --workdir=runs/gmm --mode=all
-    python experiments/main.py --config=experiments/gmm.py:tiny --config.train.num_steps=500
+    python experiments/main.py --config=experiments/calo.py
+    python experiments/main.py --config=experiments/gmm.py:tiny --config.train.num_steps=500 --mode=train
+    ./launch.sh --local --processes 2 -- --config=experiments/gmm.py:tiny      # a 2-process job here
 
 ``--config`` is an ml-collections config file (``experiments/<name>.py``, optionally
 ``:variant``); any field can be overridden with ``--config.<field>=value``. ``--mode`` selects
-``train``, ``sample``, ``eval`` or ``all``. Training resumes from the newest checkpoint in
-``--workdir``. Data-parallel over every visible device (and every process, when the cluster
-environment describes a multi-process job).
+``train``, ``sample``, ``eval`` or ``all`` (:func:`fpcd.runner.train_and_evaluate`). Training
+resumes from the newest checkpoint in ``--workdir``. Data-parallel over every device of every
+process (``jax.distributed`` when the environment describes a multi-process job).
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from fpcd.parallel import data_mesh, maybe_initialize_distributed  # noqa: E402
-from fpcd.pipelines import calo, gmm, jets  # noqa: E402
-
-PIPELINES = {"calo": calo.run, "gmm": gmm.run, "jetnet": jets.run}
-MODES = ("train", "sample", "eval", "all")
+from fpcd.parallel import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
-_MODE = flags.DEFINE_enum("mode", "all", MODES, "What to run.")
+_MODE = flags.DEFINE_enum("mode", "all", ("train", "sample", "eval", "all"), "What to run.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def experiment_classes() -> dict:
+    """``config.experiment`` -> its :class:`fpcd.runner.Experiment` subclass (one literal dict)."""
+    from fpcd.experiments.calo import CaloExperiment
+    from fpcd.experiments.gmm import GaussianMixtureExperiment
+    from fpcd.experiments.jets import JetsExperiment
+
+    return {"calo": CaloExperiment, "gmm": GaussianMixtureExperiment, "jetnet": JetsExperiment}
 
 
 def main(argv):
@@ -40,27 +44,26 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=experiments/gmm.py")
-    experiment = cfg.get("experiment")
-    if experiment not in PIPELINES:
-        raise app.UsageError(f"config.experiment={experiment!r} is not one of {sorted(PIPELINES)}")
-    maybe_initialize_distributed()
-    workdir = _WORKDIR.value or os.path.join("runs", cfg.get("name", experiment))
-    result = PIPELINES[experiment](cfg, workdir, _MODE.value, data_mesh(), progress=_PROGRESS.value)
-    if result is not None and "types" in result:
-        print(f"results in {os.path.abspath(workdir)}")
-        print(f"{'type':<5}{'run':<12}{'NFE':>6}{'jets/s':>9}{'W1M':>10}{'W1P':>10}{'W1EFP':>11}{'FPD':>10}{'KPD':>11}")
-        for jet_type, row in result["types"].items():
-            for name, r in [("floor", {**row["floor"], "nfe": 0, "jets_per_second": 0.0}), *row["runs"].items()]:
-                print(f"{jet_type:<5}{name:<12}{r['nfe']:>6}{r['jets_per_second'] or 0:>9.1f}{r['w1m']:>10.5f}"
-                      f"{r['w1p']:>10.5f}{r['w1efp']:>11.2e}{r['fpd']:>10.4f}{r['kpd']:>11.2e}")
-    if result is not None and "representation" in result:
-        print(f"results in {os.path.abspath(workdir)}")
-        print(calo.format_results(result))
-    elif result is not None and "runs" in result:
-        print(f"results in {os.path.abspath(workdir)}")
-        print(f"{'run':<12} {'NFE':>6} {'seconds':>8} {'W1 mean':>9}  (truth floor {result['floor']['w1_mean']:.4f})")
-        for name, row in result["runs"].items():
-            print(f"{name:<12} {row['nfe']:>6} {row['seconds']:>8.2f} {row['w1_mean']:>9.4f}")
+    maybe_initialize_distributed()  # before any other JAX call
+
+    from fpcd.parallel import data_mesh
+    from fpcd.runner import train_and_evaluate
+
+    from fpcd.config import ConfigError
+    from fpcd.data.calo import CaloDataError
+    from fpcd.data.jetnet import JetDataError
+    from fpcd.train import NonFiniteLossError
+
+    classes = experiment_classes()
+    if cfg.get("experiment") not in classes:
+        raise app.UsageError(f"config.experiment={cfg.get('experiment')!r} is not one of {sorted(classes)}")
+    experiment = classes[cfg.experiment](cfg, progress=_PROGRESS.value)
+    workdir = _WORKDIR.value or os.path.join("runs", cfg.get("name", cfg.experiment))
+    try:
+        train_and_evaluate(experiment, workdir, _MODE.value, data_mesh())
+    except (ConfigError, CaloDataError, JetDataError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)  # an expected error: no traceback
+        sys.exit(1)
 
 
 if __name__ == "__main__":

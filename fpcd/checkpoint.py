@@ -15,6 +15,7 @@ import os
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -46,8 +47,11 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, tree) -> None:
-        """Start an asynchronous, atomic save of ``tree``'s arrays (and the config) at ``step``."""
-        items = {"state": ocp.args.StandardSave(_array_leaves(tree))}
+        """Start an asynchronous, atomic save of ``tree``'s arrays (and the config) at ``step``.
+
+        The arrays are copied first, so the caller may donate ``tree``'s buffers right away.
+        """
+        items = {"state": ocp.args.StandardSave([jnp.copy(leaf) for leaf in _array_leaves(tree)])}
         if self.config is not None:
             items["config"] = ocp.args.JsonSave(self.config)
         self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)

@@ -1,18 +1,20 @@
 """Validation of experiment configs: a bad value fails at start with a message naming the field.
 
 Configs are ``ml_collections.ConfigDict`` objects built by ``experiments/<name>.py``. The common
-sections are checked here (``seed``, ``sde``, ``model``, ``train``, ``sampling``); experiment
-pipelines add their own checks with the same helpers.
+sections are checked here (``seed``, ``sde``, ``train``, ``sampling``); experiments
+(:mod:`fpcd.experiments`) add their own checks with the same helpers. List-valued fields are
+tuples (:func:`require_ints`, :func:`require_strings`, :func:`require_increasing`).
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 
 import ml_collections
 
 from fpcd.nets import PREDICTIONS
-from fpcd.sampling import METHOD_DEFAULTS, _check_options
+from fpcd.sampling import METHOD_DEFAULTS, _check_options, nfe_of
 from fpcd.sde import SCHEDULES
 
 
@@ -45,6 +47,58 @@ def require_float(cfg, dotted: str, *, low: float | None = None, high: float | N
     if high is not None and value > high:
         raise ConfigError(f"config.{dotted} must be <= {high}, got {value!r}")
     return float(value)
+
+
+def _sequence(cfg, dotted: str, kind: str):
+    value = get_field(cfg, dotted)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise ConfigError(f"config.{dotted} must be a tuple of {kind}, got {value!r}")
+    return tuple(value)
+
+
+def require_strings(cfg, dotted: str, *, minimum_count: int = 1) -> tuple[str, ...]:
+    """A tuple of at least ``minimum_count`` non-empty strings."""
+    values = _sequence(cfg, dotted, "strings")
+    if len(values) < minimum_count or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"config.{dotted} must be a tuple of at least {minimum_count} non-empty strings, "
+                          f"got {values!r}")
+    return values
+
+
+def require_ints(cfg, dotted: str, *, minimum: int = 1, minimum_count: int = 1) -> tuple[int, ...]:
+    """A tuple of at least ``minimum_count`` integers, each ``>= minimum``."""
+    values = _sequence(cfg, dotted, "integers")
+    if len(values) < minimum_count or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
+                                          for v in values):
+        raise ConfigError(f"config.{dotted} must be a tuple of at least {minimum_count} integers >= {minimum}, "
+                          f"got {values!r}")
+    return tuple(int(v) for v in values)
+
+
+def require_increasing(cfg, dotted: str, *, minimum_count: int = 2) -> tuple[float, ...]:
+    """A strictly increasing tuple of at least ``minimum_count`` numbers."""
+    values = _sequence(cfg, dotted, "numbers")
+    if (len(values) < minimum_count
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values)
+            or any(b <= a for a, b in zip(values, values[1:]))):
+        raise ConfigError(f"config.{dotted} must be a strictly increasing tuple of at least {minimum_count} "
+                          f"numbers, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def require_range(cfg, dotted: str, *, low: float, high: float, unit: str = "", open_low: bool = False):
+    """A ``(min, max)`` pair of numbers with ``low <= min <= max < high`` (``low < min`` with ``open_low``)."""
+    value = get_field(cfg, dotted)
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    ok = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+    if ok:
+        lo, hi = (float(v) for v in pair)
+        ok = (lo > low if open_low else lo >= low) and lo <= hi < high
+    if not ok:
+        bound = f"{low:g} {'<' if open_low else '<='} min <= max < {high:g}"
+        raise ConfigError(f"config.{dotted}={value!r}: need a pair (min, max) with {bound} {unit}".rstrip()
+                          + f"; e.g. --config.{dotted}='({max(low, 1.0):g}, {min(high, 100.0) - 1:g})'")
+    return float(pair[0]), float(pair[1])
 
 
 def require_choice(cfg, dotted: str, choices):
@@ -115,6 +169,23 @@ def validate_sampling(cfg) -> None:
             _check_options(method, run)
         except ValueError as err:
             raise ConfigError(f"config.sampling.runs.{name}: {err}") from None
+        check_run_name(name, method, run)
+
+
+RUN_NAME = re.compile(r"^([a-z0-9]+)_(\d+)$")
+
+
+def check_run_name(name: str, method: str, options: dict) -> None:
+    """A sampler run named ``<method>_<number>`` must have that number as its NFE per sample, so
+    that a name means the same in every config (``pc_250``: 250 score evaluations, 125 steps)."""
+    match = RUN_NAME.match(name)
+    if match is None or match.group(1) != method:
+        return
+    nfe = nfe_of(method, **options)
+    if nfe is not None and nfe != int(match.group(2)):
+        raise ConfigError(f"config.sampling.runs.{name}: a run named {name!r} must take {match.group(2)} score "
+                          f"evaluations per sample, but {method} with {options} takes {nfe}; rename it "
+                          f"{method}_{nfe} or change its options")
 
 
 def validate_common(cfg, *, num_devices: int = 1, train_sections: tuple[str, ...] = ("train",)) -> None:

@@ -5,11 +5,16 @@ Integrating ``dx/dt = v(x, t)`` (the probability flow) together with
 
     log p_{t_min}(x) = log N(x(1); 0, I) + delta(1).
 
-The divergence is either exact (trace of the Jacobian from one JVP per real dimension, for small
-dimension) or Hutchinson's estimator ``z^T (dv/dx) z`` with one Rademacher or Gaussian probe per
-sample drawn once per solve (unbiased: ``E[z z^T] = I`` on real entries). Padded entries
-(``mask == 0``) are held at 0, contribute nothing to the divergence and are not counted in the
-prior's dimension.
+The divergence is either exact (trace of the Jacobian from one JVP per real scalar dimension,
+for small dimension) or Hutchinson's estimator ``z^T (dv/dx) z`` with one Rademacher or Gaussian
+probe per sample drawn once per solve (unbiased: ``E[z z^T] = I`` on real entries). Padded
+entries (``mask == 0``) are held at 0, contribute nothing to the divergence (the exact one runs
+no JVP for them beyond the batch's largest real count) and are not counted in the prior's
+dimension.
+
+The ODE is one Dopri5 solve over the whole batch (:mod:`fpcd.ode`); its NFE (evaluations of the
+augmented vector field, each one score call plus its JVPs) comes from the solver's step
+statistics. :func:`log_likelihood` works inside ``jax.jit`` and ``jax.vmap``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from fpcd.ode import solve_dopri5
+from fpcd.ode import checked_nfe, solve_dopri5
 from fpcd.sampling import ProbabilityFlow
 from fpcd.sde import VPSDE, expand_mask
 
@@ -26,17 +31,45 @@ DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 
 
-def exact_divergence(velocity_fn, x):
+def real_entries_first(mask):
+    """Per sample, the flat indices of the real (``mask > 0``) scalar entries first, in their
+    original order, then the padded ones; and the number of real entries.
+
+    ``mask (B, ...) -> (order (B, S) int32, counts (B,) int32)`` with ``S`` scalars per sample.
+    """
+    real = mask.reshape(mask.shape[0], -1) > 0
+    order = jnp.argsort(~real, axis=-1, stable=True).astype(jnp.int32)
+    return order, jnp.sum(real, axis=-1, dtype=jnp.int32)
+
+
+def exact_divergence(velocity_fn, x, mask=None):
     """``(v(x), tr dv/dx)`` per sample for ``x (B, ...)`` with per-sample independent ``v``.
 
-    Uses one forward-mode JVP per scalar dimension of one sample, batched with ``vmap``.
+    Linearises ``v`` once. Without ``mask``: one JVP per scalar dimension of one sample, batched
+    with ``vmap``. With ``mask`` (broadcastable to ``x``): the trace over real entries only, from
+    ``max_b count_b`` JVPs in a ``fori_loop`` (``count_b`` = real scalar entries of sample ``b``):
+    the ``k``-th JVP perturbs each sample's ``k``-th real entry (zero tangent once
+    ``k >= count_b``) and reads the output at that entry.
     """
     velocity, jvp_fn = jax.linearize(velocity_fn, x)
-    dim = x[0].size
-    basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
-    columns = jax.vmap(lambda e: jvp_fn(jnp.broadcast_to(e, x.shape)))(basis)  # (dim, B, ...)
-    diagonal = columns.reshape(dim, x.shape[0], dim)[jnp.arange(dim), :, jnp.arange(dim)]  # (dim, B)
-    return velocity, diagonal.sum(axis=0)
+    batch, dim = x.shape[0], x[0].size
+    if mask is None:
+        basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+        columns = jax.vmap(lambda e: jvp_fn(jnp.broadcast_to(e, x.shape)))(basis)  # (dim, B, ...)
+        diagonal = columns.reshape(dim, batch, dim)[jnp.arange(dim), :, jnp.arange(dim)]  # (dim, B)
+        return velocity, diagonal.sum(axis=0)
+    order, counts = real_entries_first(expand_mask(mask, x))
+    rows = jnp.arange(batch)
+
+    def add_diagonal_entry(k, total):
+        entry = order[:, k]
+        active = k < counts
+        tangent = jnp.zeros((batch, dim), x.dtype).at[rows, entry].set(active.astype(x.dtype))
+        column = jvp_fn(tangent.reshape(x.shape)).reshape(batch, dim)
+        return total + jnp.where(active, column[rows, entry], 0.0)
+
+    trace = jax.lax.fori_loop(0, jnp.max(counts), add_diagonal_entry, jnp.zeros((batch,), velocity.dtype))
+    return velocity, trace
 
 
 def hutchinson_divergence(velocity_fn, x, probe):
@@ -55,7 +88,7 @@ class AugmentedFlow(eqx.Module):
         x, _ = state
         velocity_fn = lambda y: self.flow(t, y)  # noqa: E731
         if self.divergence == "exact":
-            velocity, div = exact_divergence(velocity_fn, x)
+            velocity, div = exact_divergence(velocity_fn, x, self.flow.mask)
         else:
             velocity, div = hutchinson_divergence(velocity_fn, x, probe)
         return velocity, div
@@ -102,14 +135,21 @@ def log_likelihood(
       probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson only).
 
     Returns:
-      ``(logp, nfe)``: ``logp`` of shape ``(B,)`` in nats and the counted number of evaluations
-      of the augmented vector field (each is one score call plus its JVPs).
+      ``(logp, nfe)``: ``logp`` of shape ``(B,)`` in nats and the number of evaluations of the
+      augmented vector field (each is one score call plus its JVPs), from the solver's step
+      statistics: a Python int when called eagerly, an int32 array when traced (inside
+      ``jax.jit``/``jax.vmap``). Traced, a solve that ran out of ``max_steps`` returns NaN
+      ``logp`` (check ``jnp.isnan(logp).any()``) instead of raising.
+
+    Raises:
+      ValueError: unknown divergence or probe, missing key, ``t_min`` outside (0, 1).
+      RuntimeError: (eager calls only) the solver ran out of ``max_steps``.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     if divergence == "hutchinson" and key is None:
         raise ValueError("divergence='hutchinson' needs a PRNG key for its probe")
-    if not 0.0 < t_min < 1.0:
+    if not isinstance(t_min, jax.core.Tracer) and not 0.0 < t_min < 1.0:
         raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
     x = jnp.asarray(x)
     m = None if mask is None else expand_mask(mask, x)
@@ -118,8 +158,8 @@ def log_likelihood(
     probe_vector = draw_probe(key, x.shape, probe, m, x.dtype) if divergence == "hutchinson" else None
     flow = AugmentedFlow(ProbabilityFlow(score_fn, sde, m), divergence)
     state0 = (x, jnp.zeros((x.shape[0],), x.dtype))
-    (z, delta), nfe = solve_dopri5(
+    (z, delta), stats = solve_dopri5(
         flow, state0, t0=t_min, t1=1.0, rtol=rtol, atol=atol, args=probe_vector, dt0=dt0, max_steps=max_steps,
         mask=m,
     )
-    return sde.prior_logp(z, m) + delta, nfe
+    return sde.prior_logp(z, m) + delta, checked_nfe(stats, t1=1.0, max_steps=max_steps)

@@ -15,17 +15,26 @@ Methods (``opts`` in brackets, defaults after ``=``):
   ``eta=1`` is ancestral (DDPM-like); NFE = ``steps``.
 * ``"ode"``  probability-flow ODE with diffrax ``Dopri5`` and a PID step-size controller
   [``rtol=1e-5``, ``atol=1e-5``, ``dt0=0.01``, ``max_steps=100000``, ``t_min=1e-3``];
-  NFE = the counted number of vector-field evaluations (the whole batch is one state, so the
-  batch shares its steps under an RMS error norm over real entries).
+  NFE = the vector-field evaluations of the solve, computed from the solver's step statistics
+  (:mod:`fpcd.ode`: ``6 * num_steps + 1`` plus the rejections before the first accepted step).
+  The whole batch is one state, so the batch shares its steps under an RMS error norm over real
+  entries.
 
 All fixed-step samplers run on the grid ``t_i = linspace(1, t_min, steps + 1)`` as one jitted
 ``lax.fori_loop`` whose step count is a traced value (one compilation serves every ``steps``);
 the last step returns the noise-free mean (score_sde's "denoising" of the output).
 NFE counts score evaluations per sample, one batched call counting once.
 
+Every method works inside ``jax.jit`` and ``jax.vmap`` (e.g. over keys). Called eagerly,
+:func:`sample` returns the NFE as a Python int and raises ``RuntimeError`` when the ODE solver
+runs out of ``max_steps``; traced, the NFE is an int32 array and a failed ODE solve returns NaN
+samples instead of raising.
+
 Masks: ``mask`` (1 = real, 0 = padding) is ``(B, N)`` for clouds ``x (B, N, D)`` or broadcastable
 to ``x``. Padded entries are exactly 0 at every step, the Langevin step size uses norms over real
 entries only, and no padded value enters a real entry through the sampler.
+
+The host-side scipy RK45 baseline used for comparison lives in ``benchmarks/scipy_rk45.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcd.ode import solve_dopri5
+from fpcd.ode import checked_nfe, solve_dopri5
 from fpcd.sde import VPSDE, broadcast_time, expand_mask
 
 METHOD_DEFAULTS = {
@@ -188,52 +197,20 @@ class ProbabilityFlow(eqx.Module):
 
 
 def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min, sharding=None):
+    """Probability-flow samples (NaN if the solve failed) and the solve's :class:`~fpcd.ode.SolveStats`."""
     x1 = sde.prior_sample(key, shape)
     if sharding is not None:
         x1 = jax.device_put(x1, sharding)
     m = None if mask is None else expand_mask(mask, x1)
     if m is not None:
         x1 = x1 * m
-    x0, nfe = solve_dopri5(
+    return solve_dopri5(
         ProbabilityFlow(score_fn, sde, m), x1, t0=1.0, t1=t_min, rtol=rtol, atol=atol, dt0=dt0,
         max_steps=max_steps, mask=m,
     )
-    return x0, nfe
 
 
 _SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "ode": _ode}
-
-
-@eqx.filter_jit
-def _evaluate_flow(flow, t, x):
-    return flow(t, x)
-
-
-def sample_scipy_rk45(score_fn, sde: VPSDE, key, shape, *, mask=None, rtol=1e-5, atol=1e-5, t_min=1e-3, **unused):
-    """The physics papers' baseline: the probability-flow ODE solved by scipy's
-    ``solve_ivp(method="RK45")`` on the host, calling the jitted vector field once per evaluation
-    (the whole batch is one flattened state, as in score_sde). Returns ``(x, nfev)``.
-
-    For comparison with :func:`sample` (``method="ode"``) only; it is slower on accelerators
-    because every evaluation synchronises with the host.
-    """
-    from scipy.integrate import solve_ivp
-
-    del unused
-    x1 = sde.prior_sample(key, tuple(shape))
-    m = None if mask is None else expand_mask(jnp.asarray(mask, jnp.float32), x1)
-    if m is not None:
-        x1 = x1 * m
-    flow = ProbabilityFlow(score_fn, sde, m)
-
-    def fun(t, y):
-        x = jnp.asarray(y.reshape(x1.shape), jnp.float32)
-        return np.asarray(_evaluate_flow(flow, jnp.asarray(t, jnp.float32), x), np.float64).ravel()
-
-    solution = solve_ivp(fun, (1.0, t_min), np.asarray(x1, np.float64).ravel(), method="RK45", rtol=rtol, atol=atol)
-    if not solution.success:
-        raise RuntimeError(f"scipy RK45 failed: {solution.message}")
-    return jnp.asarray(solution.y[:, -1].reshape(x1.shape), jnp.float32), int(solution.nfev)
 
 
 def _check_options(method: str, opts: dict) -> dict:
@@ -260,7 +237,8 @@ def _check_options(method: str, opts: dict) -> dict:
 
 
 def nfe_of(method: str, **opts) -> int | None:
-    """Score evaluations per sample of a fixed-step method (None for ``"ode"``: it is counted)."""
+    """Score evaluations per sample of a fixed-step method (None for ``"ode"``: it depends on the
+    solve)."""
     merged = _check_options(method, opts)
     if method == "pc":
         return merged["steps"] * (1 + merged["corrector_steps"])
@@ -285,11 +263,16 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
 
     Returns:
       ``(x, nfe)``: samples ``(B, ...)`` (exactly 0 where masked) and the number of score
-      evaluations per sample (a Python int).
+      evaluations per sample: a Python int when called eagerly, an int32 array when traced
+      (inside ``jax.jit``/``jax.vmap``). Traced, an ODE solve that ran out of ``max_steps``
+      returns NaN samples (check ``jnp.isnan(x).any()``) instead of raising.
 
     Raises:
       ValueError: unknown method, unknown option or invalid option value.
-      RuntimeError: the ODE solver ran out of ``max_steps``.
+      RuntimeError: (eager calls only) the ODE solver ran out of ``max_steps``.
+
+    Works inside ``jax.jit`` and ``jax.vmap``; ``shape``, ``method`` and ``opts`` must be
+    Python values there.
     """
     merged = _check_options(method, opts)
     shape = tuple(int(s) for s in shape)
@@ -302,7 +285,8 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
         except ValueError as err:
             raise ValueError(f"mask of shape {mask.shape} does not broadcast to the sample shape {shape}") from err
     if method == "ode":
-        return _ode(score_fn, sde, key, shape, mask, sharding=sharding, **merged)
+        x, stats = _ode(score_fn, sde, key, shape, mask, sharding=sharding, **merged)
+        return x, checked_nfe(stats, t1=merged["t_min"], max_steps=merged["max_steps"])
     traced = {name: jnp.asarray(value) for name, value in merged.items()}
     x = _SAMPLERS[method](score_fn, sde, key, shape, mask, sharding=sharding, **traced)
     return x, nfe_of(method, **opts)

@@ -9,6 +9,7 @@ exactly.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import equinox as eqx
@@ -45,14 +46,33 @@ class TrainState(eqx.Module):
 
 
 def init_train_state(model, optimizer: optax.GradientTransformation, key) -> TrainState:
-    """Fresh state at step 0: the EMA starts at the model, ``key`` seeds every later step."""
+    """Fresh state at step 0: the EMA starts at (a copy of) the model, ``key`` seeds every later step.
+
+    The EMA holds its own buffers so that the train step can donate the whole state.
+    """
     return TrainState(
         model=model,
-        ema_model=model,
+        ema_model=jax.tree_util.tree_map(lambda leaf: jnp.copy(leaf) if eqx.is_array(leaf) else leaf, model),
         opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
         key_data=jax.random.key_data(key),
         step=jnp.zeros((), jnp.int32),
     )
+
+
+def learning_rate_schedule(
+    *, learning_rate: float, num_steps: int, warmup_steps: int = 0, schedule: str = "cosine"
+) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then cosine decay to 1% (``"cosine"``) or a constant rate."""
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup_steps, 1), max(num_steps, warmup_steps + 1), end_value=0.01 * learning_rate
+        )
+    if schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), optax.constant_schedule(learning_rate)],
+            [max(warmup_steps, 1)],
+        )
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'cosine' or 'constant'")
 
 
 def make_optimizer(
@@ -64,19 +84,10 @@ def make_optimizer(
     weight_decay: float = 0.0,
     schedule: str = "cosine",
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, then cosine decay to 1% (``"cosine"``) or a constant rate,
-    after global-norm gradient clipping (``grad_clip=None`` disables it)."""
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, max(warmup_steps, 1), max(num_steps, warmup_steps + 1), end_value=0.01 * learning_rate
-        )
-    elif schedule == "constant":
-        lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), optax.constant_schedule(learning_rate)],
-            [max(warmup_steps, 1)],
-        )
-    else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected 'cosine' or 'constant'")
+    """AdamW on :func:`learning_rate_schedule` after global-norm gradient clipping (``grad_clip=None``
+    disables it)."""
+    lr = learning_rate_schedule(learning_rate=learning_rate, num_steps=num_steps, warmup_steps=warmup_steps,
+                                schedule=schedule)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(lr, weight_decay=weight_decay))
     return optax.chain(*parts)
@@ -134,6 +145,9 @@ def make_train_step(
     ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With ``mesh``, the
     new state is constrained to be replicated over it (the batch arrives sharded along ``"data"``).
     ``metrics`` holds the scalar ``loss`` (mean over the global batch) and ``grad_norm``.
+    The input state's buffers are donated (reused for the new state): do not use a state after
+    passing it in. The batch is not donated. ``step.lower(state, batch)`` lowers it (e.g. for
+    XLA's memory analysis).
     """
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -161,8 +175,25 @@ def make_train_step(
             new_state = eqx.filter_shard(new_state, replicated)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    donate = "none" if jax.default_backend() == "cpu" else "all-except-first"
-    return eqx.filter_jit(step, donate=donate)
+    def batch_first(batch, state):
+        return step(state, batch)
+
+    return StateDonatingStep(eqx.filter_jit(batch_first, donate="all-except-first"))
+
+
+class StateDonatingStep:
+    """``(state, batch) -> (state, metrics)`` around a jitted ``(batch, state)`` function that donates
+    every argument but the first (Equinox's ``donate="all-except-first"``): the state is donated,
+    the batch kept."""
+
+    def __init__(self, batch_first):
+        self._batch_first = batch_first
+
+    def __call__(self, state, batch):
+        return self._batch_first(batch, state)
+
+    def lower(self, state, batch):
+        return self._batch_first.lower(batch, state)
 
 
 def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
@@ -193,20 +224,25 @@ def fit(
     description: str = "train",
     progress: bool = True,
     on_step: Callable[[int, TrainState], None] | None = None,
+    learning_rate_fn: Callable[[int], float] | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ):
     """Run ``step_fn`` from ``state.step`` to ``num_steps`` with checkpoints and a progress bar.
 
     Args:
       state: starting (fresh or restored) :class:`TrainState`.
-      step_fn: jitted ``(state, batch) -> (state, metrics)``.
+      step_fn: jitted ``(state, batch) -> (state, metrics)`` (it may donate ``state``).
       batch_fn: ``step -> batch`` (already placed on devices).
       checkpointer: a :class:`fpcd.checkpoint.Checkpointer` or None; saves every
         ``checkpointer.save_every`` steps and at the end, after checking losses and parameters.
       on_step: optional host callback ``(step_done, state)`` after each step (tests use it).
+      learning_rate_fn: ``step -> learning rate`` (the optimiser's schedule), for the log rows.
+      on_log: optional callback receiving each log row as it is made.
 
     Returns:
-      ``(state, history)`` with ``history`` a list of ``{"step", "loss", "grad_norm"}`` rows
-      at every ``log_every`` steps.
+      ``(state, history)`` with ``history`` a list of ``{"step", "loss", "grad_norm",
+      "learning_rate", "steps_per_second"}`` rows at every ``log_every`` steps (and the last);
+      ``steps_per_second`` is measured since the previous row (the first includes compilation).
 
     Raises:
       NonFiniteLossError: a loss or parameter became NaN/inf; the last checkpoint is untouched.
@@ -215,6 +251,7 @@ def fit(
     history, pending = [], []
     bar = tqdm(total=num_steps, initial=start, desc=description, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True, mininterval=1.0)
+    clock = {"time": time.perf_counter(), "step": start}
 
     def check(upto_step):
         values = jax.device_get(pending)
@@ -228,6 +265,14 @@ def fit(
         pending.clear()
         return values
 
+    def log_row(s, last):
+        now = time.perf_counter()
+        rate = (s - clock["step"]) / max(now - clock["time"], 1e-9)
+        clock.update(time=now, step=s)
+        return {"step": s, "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]),
+                "learning_rate": None if learning_rate_fn is None else float(learning_rate_fn(s - 1)),
+                "steps_per_second": rate}
+
     try:
         for step in range(start, num_steps):
             state, metrics = step_fn(state, batch_fn(step))
@@ -236,9 +281,10 @@ def fit(
             save_now = checkpointer is not None and (done % checkpointer.save_every == 0 or done == num_steps)
             if done % log_every == 0 or save_now or done == num_steps:
                 values = check(done)
-                s, last = values[-1]
-                row = {"step": s, "loss": float(last["loss"]), "grad_norm": float(last["grad_norm"])}
+                row = log_row(*values[-1])
                 history.append(row)
+                if on_log is not None:
+                    on_log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if save_now:
                 if not tree_is_finite(state):

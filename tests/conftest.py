@@ -1,6 +1,7 @@
 """Shared fixtures: the VP SDE and a Gaussian mixture with exact score and density."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -61,12 +62,56 @@ class OracleNet(eqx.Module):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _environment(devices: int | None = None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    # The interpreter running the tests (and its environment's scripts) come first on PATH.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
 def run_main(config: str, *args, devices: int | None = None, timeout: int = 900):
     """Run ``experiments/main.py --config=<config> --progress=false *args`` in a subprocess from the
     repository root; ``devices`` forces that many CPU devices."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if devices:
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--config={config}", "--progress=false",
            *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=_environment(devices))
+
+
+def run_launch(config: str, *args, processes: int = 2, timeout: int = 900):
+    """Run ``launch.sh --local --processes N -- --config=<config> --progress=false *args``: N processes
+    of one CPU device each, joined by jax.distributed over gloo."""
+    cmd = ["bash", os.path.join(REPO, "launch.sh"), "--local", "--processes", str(processes), "--",
+           f"--config={config}", "--progress=false", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=_environment())
+
+
+def tensorboard_scalars(directory) -> dict:
+    """``tag -> [(step, value)]`` of every scalar in the TensorBoard event files under ``directory``
+    (TFRecord framing: length, CRC, an ``Event`` protobuf, CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict = {}
+    for path in sorted(pathlib.Path(directory).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def expected_log_steps(train_section, start: int = 0) -> list[int]:
+    """Steps after ``start`` at which :func:`fpcd.train.fit` logs: every ``log_every`` steps, every
+    checkpoint and the last step."""
+    n = train_section.num_steps
+    steps = {s for s in range(1, n + 1) if s % train_section.log_every == 0 or s % train_section.checkpoint_every == 0}
+    return sorted(s for s in steps | {n} if s > start)

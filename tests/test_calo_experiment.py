@@ -1,5 +1,6 @@
-"""The calorimeter experiment end to end (tiny presets: point cloud on 4 forced CPU devices, then the
-image model with the comparison table), its pre/post-processing and its input errors."""
+"""The calorimeter experiment end to end (tiny presets: the point cloud as two processes joined by
+jax.distributed, then the image model with the comparison table), its pre/post-processing and its
+input errors."""
 
 import json
 import os
@@ -9,10 +10,16 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_main
+import jax
+
+from conftest import expected_log_steps, run_launch, run_main
 from fpcd.config import ConfigError
 from fpcd.data import calo
-from fpcd.pipelines import calo as pipeline
+from fpcd.data import calo_transforms as transforms
+from fpcd.experiments.calo import CaloExperiment, w1_block
+from fpcd.metrics import calo as calo_metrics
+from fpcd.parallel import data_mesh
+from fpcd.runner import BatchSampler, run_key
 from fpcd.sampling import nfe_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +35,7 @@ def _main(workdir, variant, *args, devices=None):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("calo")
     cloud, image = root / "cloud", root / "image"
-    proc = _main(cloud, "tiny", devices=4)
+    proc = run_launch("experiments/calo.py:tiny", f"--workdir={cloud}", processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc_image = _main(image, "tiny,image", f"--config.eval.compare_with={cloud}")
     assert proc_image.returncode == 0, proc_image.stderr[-4000:]
@@ -68,7 +75,41 @@ def test_tiny_runs_write_every_output(runs, which):
     for level in levels:
         for prefix in ("observables", "profiles"):
             assert (workdir / f"{prefix}_{level}.png").stat().st_size > 10_000
-    assert (workdir / "nfe_vs_w1.png").exists()
+    assert (workdir / "nfe_vs_w1.png").exists() and (workdir / "loss_curves.png").exists()
+    assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
+
+
+def test_two_process_run_prints_and_logs_once(runs):
+    cloud, _, proc, _ = runs
+    assert proc.stdout.count("results in") == 1 and proc.stdout.count("truth vs truth AUC") == 1
+    cfg = calo_config.get_config("tiny")
+    rows = [json.loads(line) for line in (cloud / "train_log.jsonl").read_text().splitlines()]
+    for stage, section in (("cluster", cfg.train_cluster), ("cells", cfg.train)):
+        assert [r["step"] for r in rows if r["stage"] == stage] == expected_log_steps(section)
+        assert len(list((cloud / "tensorboard" / stage).iterdir())) == 1
+
+
+def test_trained_model_beats_the_untrained_one(runs):
+    """Showers of the trained tiny model are closer to the truth (cell-level W1 / floor, mean over
+    the observables) than those the untrained networks make from the same noise and conditions:
+    measured 11.4 trained vs 14.6 untrained for EM 10. Deterministic (same keys)."""
+    cloud, *_ = runs
+    cfg = calo_config.get_config("tiny")
+    experiment = CaloExperiment(cfg, progress=False)
+    data = experiment.load_data()
+    untrained = {stage.name: stage.model for stage in experiment.stages(data)}
+    sampler = BatchSampler(experiment.sde, data_mesh(jax.devices()[:1]), progress=False)
+    name, n = "em_10", cfg.sampling.num_samples
+    key = run_key(experiment.key("sampling"), ("",), 0, list(cfg.sampling.runs).index(name))
+    arrays, _ = experiment.generate(data, untrained, "", dict(cfg.sampling.runs[name]), key, sampler)
+    truth_a, truth_b = data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
+    truth = calo_metrics.shower_observables(truth_a.cells, truth_a.momentum)
+    floor = calo_metrics.observable_w1(truth, calo_metrics.shower_observables(truth_b.cells, truth_b.momentum))
+    keep = np.asarray(arrays["finite"], bool)
+    untrained_w1 = w1_block(truth, calo_metrics.shower_observables(arrays["hcal_cells"][keep], truth_a.momentum[keep]),
+                            floor)["w1_over_floor_mean"]
+    trained_w1 = json.loads((cloud / "metrics.json").read_text())["runs"][name]["cell"]["w1_over_floor_mean"]
+    assert trained_w1 < 0.9 * untrained_w1, (trained_w1, untrained_w1)
 
 
 def test_point_cloud_samples_respect_stage_one(runs):
@@ -105,27 +146,27 @@ def test_comparison_table_and_eval_only_rerun(runs):
 def test_cell_features_round_trip():
     showers = calo.simulate(50, seed=3)
     noise = np.full(showers.cells.shape[:2] + (3,), 0.5)  # no jitter
-    features = pipeline.cell_features(showers.cells, showers.theta, noise)
+    features = transforms.cell_features(showers.cells, showers.theta, noise)
     real = showers.mask
     # The offsets from the trajectory's cell are integers, mostly small.
     np.testing.assert_array_equal(features[..., 1:][real], np.round(features[..., 1:][real]))
     assert np.median(np.abs(features[..., 1][real])) <= 1
-    cells = pipeline.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
+    cells = transforms.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
     np.testing.assert_allclose(cells, showers.cells, rtol=2e-4, atol=1e-6)
     # Dequantisation noise of any width up to a whole cell maps back to the same cell.
     noise = np.random.default_rng(0).random(showers.cells.shape[:2] + (3,)) * 0.998 + 0.001
     for width in (0.3, 1.0):
-        features = pipeline.cell_features(showers.cells, showers.theta, noise, dequantisation=width)
-        cells = pipeline.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
+        features = transforms.cell_features(showers.cells, showers.theta, noise, dequantisation=width)
+        cells = transforms.cells_from_features(features, showers.mask, showers.theta, showers.cluster[:, 2], 200)
         np.testing.assert_allclose(cells[..., 1:], showers.cells[..., 1:], atol=1e-3)
 
 
 def test_image_transform_round_trip():
     images = calo.to_voxels(calo.simulate(30, seed=2).cells)
     total = images.sum(axis=(1, 2, 3))
-    logs = pipeline.image_to_log_fractions(images)
+    logs = transforms.image_to_log_fractions(images)
     assert logs.min() == pytest.approx(-6) and logs.max() <= 0
-    np.testing.assert_allclose(pipeline.log_fractions_to_image(logs, total), images, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(transforms.log_fractions_to_image(logs, total), images, rtol=1e-5, atol=1e-9)
 
 
 def test_two_points_in_one_cell_are_merged():
@@ -133,8 +174,8 @@ def test_two_points_in_one_cell_are_merged():
     g = calo.EPIC_FORWARD_HCAL
     for i, e in enumerate((0.3, 0.1, 0.2)):
         cells[0, i] = [e, g.cell_centres()[30 + (i == 2)], g.cell_centres()[27], g.layer_centres()[4], 1]
-    features = pipeline.cell_features(cells, np.array([17.0]), np.full((1, 3, 3), 0.5))
-    out = pipeline.cells_from_features(features, cells[..., 4], np.array([17.0]), np.array([1.2]), 3,
+    features = transforms.cell_features(cells, np.array([17.0]), np.full((1, 3, 3), 0.5))
+    out = transforms.cells_from_features(features, cells[..., 4], np.array([17.0]), np.array([1.2]), 3,
                                        resolve_collisions=False)
     assert out[0, :, 4].sum() == 2
     np.testing.assert_allclose(out[0, :2, 0], [0.8, 0.4], rtol=1e-5)  # (0.3 + 0.1, 0.2) scaled to 1.2
@@ -143,13 +184,13 @@ def test_two_points_in_one_cell_are_merged():
 def test_colliding_points_move_to_the_nearest_free_cell():
     g = calo.EPIC_FORWARD_HCAL
     theta = np.array([17.0])
-    track_x, track_y = pipeline.track_cells(theta)
+    track_x, track_y = transforms.track_cells(theta)
     # Three points around the track cell of layer 10: two round to the same cell; the weaker one
     # (at layer 10.1, dx = +0.3) moves to the nearest free cell in mm, the next layer (23.4 mm
     # away) rather than the next cell sideways (100 mm). The third point keeps dx = -1.
     features = np.array([[[np.log10(0.3), 0.1, 0.0, 10.0], [np.log10(0.1), 0.3, 0.1, 10.1],
                           [np.log10(0.2), -1.0, 0.0, 10.0]]], np.float32)
-    out = pipeline.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3)
+    out = transforms.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3)
     assert out[0, :, 4].sum() == 3
     layer, ix, iy = calo.cell_indices(out[0, :, 1:4])
     np.testing.assert_array_equal(layer, [10, 10, 11])  # sorted by energy: 0.3, 0.2, 0.1
@@ -161,14 +202,14 @@ def test_colliding_points_move_to_the_nearest_free_cell():
 
 def test_buckets():
     counts = np.array([5, 10, 40, 41, 70, 120, 130, 10, 12, 33])
-    lengths, index = pipeline.training_buckets(counts, (32, 64, 136), batch_size=3)
+    lengths, index = transforms.training_buckets(counts, (32, 64, 136), batch_size=3)
     assert lengths == (32, 64, 136)
     assert np.all(counts <= np.asarray(lengths)[index])
-    lengths, index = pipeline.training_buckets(counts, (32, 64, 136), batch_size=4)
+    lengths, index = transforms.training_buckets(counts, (32, 64, 136), batch_size=4)
     assert lengths == (32, 136)  # the 64-bucket held 3 < 4 showers and merges upwards
-    bucket, idx = pipeline.bucketed_batch(0, 5, index, 4)
+    bucket, idx = transforms.bucketed_batch(0, 5, index, 4)
     assert len(idx) == 4 and np.all(index[idx] == bucket)
-    np.testing.assert_array_equal(pipeline.bucketed_batch(0, 5, index, 4)[1], idx)
+    np.testing.assert_array_equal(transforms.bucketed_batch(0, 5, index, 4)[1], idx)
 
 
 def _cfg(**overrides):
@@ -183,15 +224,17 @@ def _cfg(**overrides):
 @pytest.mark.parametrize("overrides, message", [
     ({"representation": "voxels"}, "representation"),
     ({"data.momentum_range": (10.0, 1.0)}, "momentum_range"),
-    ({"data.buckets": "32,x"}, "data.buckets"),
+    ({"data.buckets": "32,64"}, "data.buckets must be a tuple"),
+    ({"data.buckets": (32, 0)}, "data.buckets"),
+    ({"data.momentum_range": 30.0}, "momentum_range.*pair"),
     ({"data.dequantisation": 1.5}, "data.dequantisation"),
     ({"cell_model.num_heads": 3}, "divisible"),
-    ({"image_model.channels": "8,-16"}, "image_model.channels"),
-    ({"eval.momentum_bins": "5,1"}, "momentum_bins"),
+    ({"image_model.channels": (8, -16)}, "image_model.channels"),
+    ({"eval.momentum_bins": (5.0, 1.0)}, "momentum_bins"),
 ])
 def test_bad_config_values_raise(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        pipeline.validate(_cfg(**overrides), num_devices=1)
+        CaloExperiment(_cfg(**overrides), progress=False).validate(1)
 
 
 def test_calochallenge_file_and_nan_file_are_refused(tmp_path):
@@ -200,12 +243,12 @@ def test_calochallenge_file_and_nan_file_are_refused(tmp_path):
         f["incident_energies"] = np.ones((30, 1))
         f["showers"] = np.ones((30, 10))
     with pytest.raises(ConfigError, match="CaloChallenge"):
-        pipeline.PreparedData(_cfg(**{"data.path": str(path)}), progress=False)
+        CaloExperiment(_cfg(**{"data.path": str(path)}), progress=False).load_data()
     showers = calo.simulate(40, seed=1)
     showers.cells[3, 0, 0] = np.nan
     bad = calo.save(str(tmp_path / "nan.h5"), showers)
     with pytest.raises(ConfigError, match="nan.h5.*NaN"):
-        pipeline.PreparedData(_cfg(**{"data.path": bad}), progress=False)
+        CaloExperiment(_cfg(**{"data.path": bad}), progress=False).load_data()
 
 
 def test_unknown_variant_raises():
@@ -221,5 +264,5 @@ def test_readme_first_command_is_the_default_calo_run():
     first = text.split("```bash\n", 1)[1].split("```", 1)[0].strip()
     assert first == "pip install -r requirements.txt && python experiments/main.py --config=experiments/calo.py"
     cfg = calo_config.get_config("")
-    pipeline.validate(cfg, num_devices=1)
+    CaloExperiment(cfg, progress=False).validate(1)
     assert cfg.representation == "cloud" and not cfg.data.path  # built-in data

@@ -1,8 +1,10 @@
 """The Pythia 8 + FastJet jet generator (physics, determinism, silence), files, loader, transforms."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -12,6 +14,7 @@ from fpcd.data import jet_transforms
 from fpcd.data.jetnet import (
     JET_TYPES, GeneratorSettings, JetDataError, JetSet, cached_generate, generate, load, save,
 )
+from fpcd.data.workers import WorkerError, map_chunks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_JETS = 300
@@ -84,12 +87,161 @@ def test_layout_and_kinematics(jets, jet_type):
 
 
 def test_same_seed_gives_identical_arrays_whatever_the_worker_count():
-    one = generate("w", 45, seed=5, workers=1, chunk_size=20, progress=False)
-    two = generate("w", 45, seed=5, workers=2, chunk_size=20, progress=False)
+    one = generate("w", 10, seed=5, workers=1, chunk_size=4, progress=False)
+    two = generate("w", 10, seed=5, workers=2, chunk_size=4, progress=False)  # 3 chunks on 2 workers
     np.testing.assert_array_equal(one.particle_features, two.particle_features)
     np.testing.assert_array_equal(one.jet_features, two.jet_features)
-    other = generate("w", 45, seed=6, workers=1, chunk_size=20, progress=False)
-    assert not np.array_equal(one.jet_features, other.jet_features)
+    other = generate("w", 4, seed=6, workers=1, chunk_size=4, progress=False)  # the first chunk only
+    assert not np.array_equal(one.jet_features[:4], other.jet_features)
+
+
+PLAIN_SCRIPT = """
+import jax  # noqa: F401
+import numpy as np
+
+from fpcd.data import jetnet
+from fpcd.metrics import jets  # noqa: F401  (imports jax too, as analysis scripts do)
+
+with open("runs.txt", "a") as f:
+    f.write("run\\n")
+js = jetnet.generate("q", 6, seed=11, workers=2, chunk_size=3)
+np.savez("jets.npz", particles=js.particle_features, features=js.jet_features)
+"""
+
+
+def test_plain_script_without_main_guard_runs_once_with_workers(tmp_path):
+    """Issue 10: after jax was imported, workers=2 used multiprocessing's spawn, which re-ran the
+    calling script in every worker (BrokenProcessPool without `if __name__ == "__main__":`)."""
+    (tmp_path / "analysis.py").write_text(PLAIN_SCRIPT)
+    proc = subprocess.run([sys.executable, "analysis.py"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs.txt").read_text() == "run\n"
+    assert "6/6" in proc.stderr  # the progress bar reached the end
+    saved = np.load(tmp_path / "jets.npz")
+    one = generate("q", 6, seed=11, workers=1, chunk_size=3, progress=False)
+    np.testing.assert_array_equal(saved["particles"], one.particle_features)
+    np.testing.assert_array_equal(saved["features"], one.jet_features)
+
+
+# --- worker processes (fpcd.data.workers) ----------------------------------------------------
+
+TASKS = """
+import os
+import time
+
+
+def square(x):
+    time.sleep(0.05 * (x % 3 == 0))  # finish out of order
+    return x * x, os.getpid()
+
+
+def fail_on_two(args):
+    directory, x = args
+    open(os.path.join(directory, f"{os.getpid()}.pid"), "w").close()
+    if x == 2:
+        raise ValueError(f"bad chunk value {x}")
+    time.sleep(0.2)
+    return x
+
+
+def die(x):
+    os._exit(3)
+
+
+def record_and_sleep(args):
+    directory, x = args
+    open(os.path.join(directory, f"{os.getpid()}.pid"), "w").close()
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def task_module(tmp_path, monkeypatch):
+    """``fpcd_test_tasks`` in tmp_path, importable by the workers through the parent's sys.path."""
+    (tmp_path / "fpcd_test_tasks.py").write_text(TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_generator_error_in_a_worker_names_the_chunk_and_the_message():
+    bad = GeneratorSettings(extra=("Bogus:setting = 1",))
+    with pytest.raises(WorkerError, match=r"task \d of fpcd.data.jetnet:_generate_chunk failed in worker process "
+                                          r"\d+: ValueError: Pythia rejected the setting 'Bogus:setting = 1'"):
+        generate("q", 4, chunk_size=2, workers=2, settings=bad, progress=False)
+
+
+def test_map_chunks_returns_results_in_task_order_from_fresh_processes(task_module):
+    done = []
+    results = map_chunks("fpcd_test_tasks:square", list(range(7)), workers=3, on_done=done.append)
+    assert [r[0] for r in results] == [x * x for x in range(7)]
+    assert sorted(done) == list(range(7))
+    pids = {r[1] for r in results}
+    assert len(pids) == 3 and os.getpid() not in pids
+
+
+def test_a_worker_error_names_the_task_and_the_message_and_no_worker_survives(task_module):
+    with pytest.raises(WorkerError, match=r"task 2 of fpcd_test_tasks:fail_on_two failed") as info:
+        map_chunks("fpcd_test_tasks:fail_on_two", [(str(task_module), x) for x in range(4)], workers=2)
+    assert "ValueError: bad chunk value 2" in str(info.value)
+    assert 'raise ValueError(f"bad chunk value {x}")' in str(info.value)  # the worker's traceback
+    pids = [int(p.stem) for p in task_module.glob("*.pid")]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+def test_a_dying_worker_raises_instead_of_hanging(task_module):
+    with pytest.raises(WorkerError, match=r"task \d of fpcd_test_tasks:die: worker process \d+ died \(exit code 3\)"):
+        map_chunks("fpcd_test_tasks:die", [0, 1], workers=2)
+    with pytest.raises(WorkerError, match="ModuleNotFoundError: No module named 'no_such_module'"):
+        map_chunks("no_such_module:f", [0, 1], workers=2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_workers_end_with_their_parent(task_module, sig):
+    parent = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from fpcd.data.workers import map_chunks\n"
+        f"map_chunks('fpcd_test_tasks:record_and_sleep', [({str(task_module)!r}, 0), ({str(task_module)!r}, 1)], "
+        "workers=2)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, str(task_module)]))
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, cwd=task_module, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        assert _wait_until(lambda: len(list(task_module.glob("*.pid"))) == 2), proc.stderr.read()
+        pids = [int(p.stem) for p in task_module.glob("*.pid")]
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) != 0
+        assert _wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10), pids
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in filter(_alive, pids):  # only after a failure: do not leave sleepers behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_generation_is_silent(capfd):
@@ -202,8 +354,8 @@ def test_preprocessing_round_trip_keeps_padding_zero(jets):
     np.testing.assert_array_equal(back.jet_features[:, 3], centred.jet_features[:, 3])
     np.testing.assert_allclose(back.jet_features, centred.jet_features, rtol=1e-5)
     assert np.all(back.particle_features[~centred.mask] == 0.0)
-    restored = jet_transforms.Standardisation.from_dict(stats.to_dict())
-    np.testing.assert_array_equal(restored.jet_mean, stats.jet_mean)
+    restored = jet_transforms.JetStandardisation.from_dict(stats.to_dict())
+    np.testing.assert_array_equal(restored.jet.mean, stats.jet.mean)
 
 
 def test_recentred_jets_have_zero_centroid(jets):

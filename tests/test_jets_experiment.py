@@ -1,4 +1,5 @@
-"""The jets experiment end to end (tiny preset, 4 forced CPU devices) and its input errors."""
+"""The jets experiment end to end (tiny preset as two processes joined by jax.distributed) and its
+input errors."""
 
 import json
 import os
@@ -8,10 +9,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_main
+import jax
+
+from conftest import expected_log_steps, run_launch, run_main
 from fpcd.config import ConfigError
 from fpcd.data.jetnet import load
-from fpcd.pipelines import jets as jets_pipeline
+from fpcd.experiments.jets import JetsExperiment
+from fpcd.metrics import jets as jet_metrics
+from fpcd.parallel import data_mesh
+from fpcd.runner import BatchSampler, run_key
 from fpcd.sampling import nfe_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,25 +25,28 @@ sys.path.insert(0, os.path.join(REPO, "experiments"))
 import jetnet as jetnet_config  # noqa: E402  (experiments/jetnet.py)
 
 
+TINY = "experiments/jetnet.py:tiny"
+
+
 def _main(workdir, cache, *args, devices=None):
-    return run_main("experiments/jetnet.py:tiny", f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *args,
-                    devices=devices)
+    return run_main(TINY, f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *args, devices=devices)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny preset as two processes of one CPU device each (``launch.sh --local --processes 2``)."""
     workdir = tmp_path_factory.mktemp("jets_tiny")
     cache = tmp_path_factory.mktemp("jet_cache")
-    proc = _main(workdir, cache, devices=4)
+    proc = run_launch(TINY, f"--workdir={workdir}", f"--config.data.cache_dir={cache}", processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, cache, proc
 
 
-def test_tiny_run_on_four_devices_writes_every_output(tiny_run):
+def test_tiny_run_as_two_processes_writes_every_output_once(tiny_run):
     workdir, _, proc = tiny_run
     cfg = jetnet_config.get_config("tiny")
     metrics = json.loads((workdir / "metrics.json").read_text())
-    types = cfg.data.jet_types.split(",")
+    types = list(cfg.data.jet_types)
     assert sorted(metrics["types"]) == sorted(types)
     for jet_type in types:
         row = metrics["types"][jet_type]
@@ -59,9 +68,44 @@ def test_tiny_run_on_four_devices_writes_every_output(tiny_run):
         with h5py.File(workdir / f"samples_{jet_type}.h5") as f:
             assert set(f["runs"]) == set(cfg.sampling.runs)
         assert (workdir / f"jets_{jet_type}.png").stat().st_size > 10_000
-    for png in ("nfe_vs_w1m.png", "nfe_vs_w1p.png"):
+    for png in ("nfe_vs_w1m.png", "nfe_vs_w1p.png", "loss_curves.png"):
         assert (workdir / png).stat().st_size > 5_000
-    assert "W1M" in proc.stdout
+    assert proc.stdout.count("W1M") == 1 and proc.stdout.count("results in") == 1  # process 0 alone prints
+    rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    for stage, section in (("jet", cfg.train_jet), ("particle", cfg.train)):
+        steps = [r["step"] for r in rows if r["stage"] == stage]
+        assert steps == expected_log_steps(section)
+        assert len(list((workdir / "tensorboard" / stage).iterdir())) == 1
+    assert metrics["train"]["particle"]["steps"] == cfg.train.num_steps
+    assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
+
+
+def test_trained_model_beats_the_untrained_one(tiny_run):
+    """Jets of the trained model are closer to the truth (W1M, W1P) than those the untrained networks
+    make from the same noise (same keys, same conditioning): measured for the tiny preset, W1M
+    0.023-0.071 trained vs 0.028-0.076 untrained and W1P lower by 8-13 %, for every type and
+    sampler. The comparison is deterministic."""
+    workdir, cache, _ = tiny_run
+    cfg = jetnet_config.get_config("tiny")
+    with cfg.unlocked():
+        cfg.data.cache_dir = str(cache)
+    experiment = JetsExperiment(cfg, progress=False)
+    data = experiment.load_data()
+    untrained = {stage.name: stage.model for stage in experiment.stages(data)}
+    sampler = BatchSampler(experiment.sde, data_mesh(jax.devices()[:1]), progress=False)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    names = list(cfg.sampling.runs)
+    name = "em_20"
+    n = cfg.sampling.num_samples
+    for g_index, jet_type in enumerate(data.types):
+        key = run_key(experiment.key("sampling"), data.types, g_index, names.index(name))
+        arrays, _ = experiment.generate(data, untrained, jet_type, dict(cfg.sampling.runs[name]), key, sampler)
+        truth = data.test[jet_type].take(slice(0, n)).particle_features
+        kw = {"num_eval_samples": n, "num_batches": cfg.eval.num_batches, "seed": cfg.eval.seed}
+        w1m = jet_metrics.w1m(truth, arrays["particle_features"], **kw)[0]
+        w1p = float(np.mean(jet_metrics.w1p(truth, arrays["particle_features"], **kw)[0]))
+        trained = metrics["types"][jet_type]["runs"][name]
+        assert trained["w1m"] < w1m and trained["w1p"] < 0.97 * w1p, (jet_type, trained, w1m, w1p)
 
 
 def test_a_workdir_of_a_different_config_is_refused(tiny_run):
@@ -83,7 +127,8 @@ def test_unreadable_data_file_gives_one_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("data.jet_types", "q,b", "unknown jet type"),
+        ("data.jet_types", ("q", "b"), "unknown or repeated jet type"),
+        ("data.jet_types", "q,t", "must be a tuple of strings"),
         ("data.num_particles", 50, "30 or 150"),
         ("particle_model.num_heads", 3, "divisible"),
         ("train_jet.learning_rate", 0.0, "config.train_jet.learning_rate"),
@@ -96,4 +141,4 @@ def test_config_errors_name_the_field(field, value, match):
         cfg[section][name] = value
         cfg.data.path_pattern = "/data/{type}.hdf5"
     with pytest.raises(ConfigError, match=match):
-        jets_pipeline.validate(cfg, num_devices=1)
+        JetsExperiment(cfg, progress=False).validate(1)

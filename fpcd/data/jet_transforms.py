@@ -6,7 +6,7 @@
 * :func:`preprocess` / :func:`postprocess` are exact inverses on centred jets:
   particle features (eta_rel, phi_rel, log pt_rel) and jet features (pT, eta, mass,
   num_particles) are standardised per feature with statistics stored in a
-  :class:`Standardisation` (masked: only real constituents enter the particle statistics, and
+  :class:`JetStandardisation` (masked: only real constituents enter the particle statistics, and
   padded entries are exactly zero before and after). ``postprocess`` also accepts model output:
   it rounds and clips the multiplicity to ``[1, P]`` and rebuilds the mask column.
 """
@@ -18,27 +18,25 @@ import dataclasses
 import numpy as np
 
 from fpcd.data.jetnet import JetSet, wrap_phi
+from fpcd.data.standardisation import Standardisation
 
 PT_REL_FLOOR = 1e-8
 PT_REL_LOG_MAX = float(np.log(2.0))  # model output is capped at pt_rel = 2 (no constituent carries 2x the jet pT)
 
 
 @dataclasses.dataclass(frozen=True)
-class Standardisation:
-    """Per-feature means and standard deviations (float64) of the preprocessed features."""
+class JetStandardisation:
+    """The two :class:`~fpcd.data.standardisation.Standardisation` of one jet type."""
 
-    particle_mean: np.ndarray  # (3,) of (eta_rel, phi_rel, log pt_rel) over real constituents
-    particle_std: np.ndarray
-    jet_mean: np.ndarray  # (4,) of (pT, eta, mass, num_particles)
-    jet_std: np.ndarray
+    particle: Standardisation  # (3,) of (eta_rel, phi_rel, log pt_rel) over real constituents
+    jet: Standardisation  # (4,) of (pT, eta, mass, num_particles)
 
     def to_dict(self) -> dict:
-        return {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(self).items()}
+        return {"particle": self.particle.to_dict(), "jet": self.jet.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Standardisation":
-        return cls(**{k: np.asarray(data[k], np.float64) for k in ("particle_mean", "particle_std", "jet_mean",
-                                                                    "jet_std")})
+    def from_dict(cls, data: dict) -> "JetStandardisation":
+        return cls(Standardisation.from_dict(data["particle"]), Standardisation.from_dict(data["jet"]))
 
 
 def recenter(particle_features: np.ndarray) -> np.ndarray:
@@ -61,18 +59,13 @@ def _particle_inputs(particle_features):
     return x * real[..., None], real
 
 
-def fit_standardisation(jets: JetSet) -> Standardisation:
+def fit_standardisation(jets: JetSet) -> JetStandardisation:
     """Statistics of ``jets`` (typically the training split of one jet type)."""
     x, real = _particle_inputs(jets.particle_features)
-    values = x[real]
-    jet = jets.jet_features.astype(np.float64)
-    return Standardisation(
-        particle_mean=values.mean(0), particle_std=np.maximum(values.std(0), 1e-6),
-        jet_mean=jet.mean(0), jet_std=np.maximum(jet.std(0), 1e-6),
-    )
+    return JetStandardisation(particle=Standardisation.fit(x[real]), jet=Standardisation.fit(jets.jet_features))
 
 
-def preprocess(jets: JetSet, stats: Standardisation):
+def preprocess(jets: JetSet, stats: JetStandardisation):
     """Model inputs of ``jets``.
 
     Returns:
@@ -80,12 +73,11 @@ def preprocess(jets: JetSet, stats: Standardisation):
       where ``mask`` is 0.
     """
     x, real = _particle_inputs(jets.particle_features)
-    particles = (x - stats.particle_mean) / stats.particle_std * real[..., None]
-    jet = (jets.jet_features.astype(np.float64) - stats.jet_mean) / stats.jet_std
-    return particles.astype(np.float32), real.astype(np.float32), jet.astype(np.float32)
+    particles = stats.particle.apply(x) * real[..., None]
+    return particles, real.astype(np.float32), stats.jet.apply(jets.jet_features)
 
 
-def postprocess(particles, mask, jet_features, stats: Standardisation, jet_type: str) -> JetSet:
+def postprocess(particles, mask, jet_features, stats: JetStandardisation, jet_type: str) -> JetSet:
     """Invert :func:`preprocess`: back to JetNet units and layout.
 
     Multiplicities are rounded and clipped to ``[1, P]``, pt_rel is capped at 2 (a guard against
@@ -94,14 +86,14 @@ def postprocess(particles, mask, jet_features, stats: Standardisation, jet_type:
     particles = np.asarray(particles, np.float64)
     real = np.asarray(mask) > 0.5
     num = particles.shape[1]
-    x = particles * stats.particle_std + stats.particle_mean
+    x = stats.particle.invert(particles)
     out = np.zeros(particles.shape[:2] + (4,), np.float32)
     out[..., 0] = x[..., 0]
     out[..., 1] = x[..., 1]
     out[..., 2] = np.exp(np.minimum(x[..., 2], PT_REL_LOG_MAX))
     out[..., 3] = 1.0
     out *= real[..., None]
-    jet = np.asarray(jet_features, np.float64) * stats.jet_std + stats.jet_mean
+    jet = stats.jet.invert(jet_features)
     jet[:, 3] = np.clip(np.rint(jet[:, 3]), 1, num)
     return JetSet(jet_type, out, jet.astype(np.float32))
 

@@ -36,12 +36,12 @@ import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import h5py
 import numpy as np
 
+from fpcd.data.workers import map_chunks
 from fpcd.io import open_hdf5
 
 JET_TYPES = ("g", "q", "t", "w", "z")
@@ -310,9 +310,13 @@ def generate(
       num_particles: constituents kept per jet (30 or 150 in JetNet; any positive number here).
       seed: the same seed gives identical arrays whatever ``workers`` is: the jets are made in
         chunks of ``chunk_size``, each with a Pythia seed derived from ``(seed, jet_type, chunk)``.
-      workers: processes (default: all CPUs, at most the number of chunks); 1 runs in-process.
+      workers: worker processes (default: all CPUs; at most one per chunk); 1 runs in this process.
+        Workers are fresh interpreters (:func:`fpcd.data.workers.map_chunks`) that never import the
+        caller's ``__main__``, so plain scripts and notebooks need no ``if __name__ == "__main__":``.
       settings: physics choices (:class:`GeneratorSettings`).
-      progress: show a progress bar over chunks.
+      chunk_size: jets per chunk, the unit of work of one worker (and of the seeds: changing it
+        changes the jets).
+      progress: show a progress bar, advanced as each chunk finishes.
     """
     check_jet_type(jet_type)
     if num_jets < 1 or num_particles < 1:
@@ -321,25 +325,10 @@ def generate(
 
     sizes = [min(chunk_size, num_jets - start) for start in range(0, num_jets, chunk_size)]
     tasks = [(jet_type, size, num_particles, seed, chunk, settings) for chunk, size in enumerate(sizes)]
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
-    bar = tqdm(total=num_jets, desc=f"generate {jet_type} jets", unit="jet", disable=not progress,
-               dynamic_ncols=True)
-    results = []
-    if workers == 1:
-        for task in tasks:
-            results.append(_generate_chunk(task))
-            bar.update(task[1])
-    else:
-        import multiprocessing
-
-        # fork is fastest, but not safe once JAX's threads exist in this process: then spawn (which
-        # re-imports the calling script, so scripts need the usual `if __name__ == "__main__":`).
-        method = "spawn" if "jax" in sys.modules else "fork"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            for result, task in zip(pool.map(_generate_chunk, tasks), tasks):
-                results.append(result)
-                bar.update(task[1])
-    bar.close()
+    with tqdm(total=num_jets, desc=f"generate {jet_type} jets", unit="jet", disable=not progress,
+              dynamic_ncols=True) as bar:
+        results = map_chunks("fpcd.data.jetnet:_generate_chunk", tasks, workers=workers or os.cpu_count() or 1,
+                             on_done=lambda chunk: bar.update(sizes[chunk]))
     return JetSet(jet_type, np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
 
 

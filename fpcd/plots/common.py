@@ -1,4 +1,4 @@
-"""Figures shared by experiments: samples vs truth, and NFE vs W1 per sampler."""
+"""Figures shared by experiments: samples vs truth, NFE vs W1 per sampler, training loss curves."""
 
 from __future__ import annotations
 
@@ -86,4 +86,26 @@ def nfe_vs_w1(runs: dict, path: str, *, floor: float | None = None, metric_key: 
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
+    return save_figure(fig, path)
+
+
+def loss_curves(rows: list[dict], path: str):
+    """Training loss (and gradient norm) against step, one line per stage, from ``train_log.jsonl``
+    rows (``{"stage", "step", "loss", "grad_norm", ...}``); a resumed run's rows replace the
+    earlier ones of the same steps."""
+    stages: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        stages.setdefault(row["stage"], {})[int(row["step"])] = row
+    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (stage, by_step) in enumerate(stages.items()):
+        steps = sorted(by_step)
+        ax_loss.plot(steps, [by_step[s]["loss"] for s in steps], "-", color=f"C{i}", label=stage)
+        ax_grad.plot(steps, [by_step[s]["grad_norm"] for s in steps], "-", color=f"C{i}", label=stage)
+    for ax, label in ((ax_loss, "training loss"), (ax_grad, "gradient norm")):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -1,0 +1,443 @@
+"""FPCD on calorimeter showers: a two-stage point-cloud model (or a voxel-image model), every
+sampler, shower observables, a classifier AUC and the point-cloud vs image comparison.
+
+Stage 1 (``"cluster"``): a :class:`~fpcd.nets.ResMLP` score model of the shower-level features
+(log10 total deposited energy, number of hit cells), standardised, given the standardised
+(log10 P_gen, theta_gen).
+
+Stage 2, ``representation="cloud"`` (``"cells"``): a :class:`~fpcd.nets.SetTransformer` score
+model of the hit cells given (log10 P, theta, log10 sum E, N_cells); N_cells sets the mask. Cell
+features, digitisation and N_cells buckets are those of :mod:`fpcd.data.calo_transforms`; the
+energies of generated cells are scaled so the cells sum to the stage-1 total.
+
+Stage 2, ``representation="image"`` (``"image"``): a :class:`~fpcd.nets.UNet3D` score model of
+the 11x11x11 voxel image (5x5x5 cells per voxel) as ``log10(voxel / sum + 1e-6)``, standardised,
+given the same conditions. Generated images are mapped back, clipped at 0, renormalised, scaled to
+the stage-1 total, and voxels below the cell threshold are zeroed.
+
+Evaluation on held-out showers (the generated ones use the held-out showers' P_gen and theta):
+observables of :mod:`fpcd.metrics.calo` at the cell level (point clouds only) and the voxel level
+(both), their W1 and the truth-vs-truth floor, classifier AUCs on high-level observables and on
+voxel images, NFE and wall time per sampler run, the parameters / train-step memory / training
+seconds / ms per shower summary, and, when the other representation's run exists
+(``eval.compare_with``), the comparison table. Outputs: ``metrics.json``, ``samples.h5``,
+``observables_*.png``, ``profiles_*.png``, ``nfe_vs_w1.png``, ``comparison.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import jax
+import numpy as np
+
+from fpcd.config import (ConfigError, require_choice, require_float, require_increasing, require_int, require_ints,
+                         require_range)
+from fpcd.data import calo_transforms as transforms
+from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloChallengeSet, CaloDataError, load, simulate, to_voxels, from_voxels
+from fpcd.data.standardisation import Standardisation
+from fpcd.io import atomic_write, write_json
+from fpcd.metrics import calo as calo_metrics
+from fpcd.nets import ResMLP, SetTransformer, UNet3D, count_parameters, score_fn_from
+from fpcd.plots.calo import observables_by_momentum, profiles_by_momentum
+from fpcd.plots.common import nfe_vs_w1
+from fpcd.runner import TRAIN_INFO_FILE, Experiment, Stage, read_json
+from fpcd.train import batch_indices
+
+REPRESENTATIONS = ("cloud", "image")
+GROUP = 5  # cells per voxel along each axis
+NUM_CELL_FEATURES = 4
+
+
+class PreparedData:
+    """Train/test split, stage-1 targets and conditions (standardised), stage-2 inputs."""
+
+    def __init__(self, cfg, showers):
+        has_cells = showers.cluster[:, 3] >= 1
+        self.num_empty = int(np.sum(~has_cells))
+        showers = showers.take(np.nonzero(has_cells)[0])
+        cut = int(round(len(showers) * (1.0 - cfg.data.test_fraction)))
+        self.train, self.test = showers.take(slice(0, cut)), showers.take(slice(cut, None))
+        counts = showers.mask.sum(axis=1)
+        largest = int(counts.max())
+        self.max_cells = int(cfg.data.max_cells) or -(-largest // 8) * 8
+        if largest > self.max_cells:
+            raise ConfigError(f"config.data.max_cells={cfg.data.max_cells} is below the largest shower "
+                              f"({largest} cells); use 0 (automatic) or a larger value")
+        self.phi = float(cfg.data.phi)
+        self.dequantisation = float(cfg.data.dequantisation)
+        self.cluster_stats = Standardisation.fit(transforms.cluster_targets(self.train))
+        self.cond_stats = Standardisation.fit(transforms.conditions(self.train.momentum, self.train.theta))
+        self.cluster = self.cluster_stats.apply(transforms.cluster_targets(self.train))
+        self.cond = self.cond_stats.apply(transforms.conditions(self.train.momentum, self.train.theta))
+        cells = self.train.cells[:, :self.max_cells]
+        self.cells = np.pad(cells, ((0, 0), (0, self.max_cells - cells.shape[1]), (0, 0)))
+        if cfg.representation == "cloud":
+            noise = np.random.default_rng([cfg.seed, 7]).random(self.cells.shape[:2] + (3,))
+            raw = transforms.cell_features(self.cells, self.train.theta, noise, phi_deg=self.phi,
+                                           dequantisation=self.dequantisation)
+            self.cell_stats = Standardisation.fit(raw[self.cells[..., 4] > 0.5])
+            self.lengths, self.buckets = transforms.training_buckets(
+                counts[:cut], transforms.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train.batch_size)
+        else:
+            logs = transforms.image_to_log_fractions(to_voxels(self.train.cells, group=GROUP))
+            self.image_stats = Standardisation.fit(logs.ravel())
+            self.images = self.image_stats.apply(logs)
+
+    def stage2_cond(self, cluster_std, cond_std):
+        return np.concatenate([cond_std, cluster_std], axis=1).astype(np.float32)
+
+    def cloud_batch(self, seed: int, step: int, batch_size: int, rows: slice = slice(None), length=None):
+        """Rows ``rows`` of the bucketed training batch at ``step`` (padded to ``length``, default
+        its bucket's)."""
+        bucket, idx = transforms.bucketed_batch(seed, step, self.buckets, batch_size)
+        length = length or self.lengths[bucket]
+        noise = np.random.default_rng([seed, 11, step]).random((len(idx), length, 3))[rows]
+        idx = idx[rows]
+        cells = self.cells[idx, :length]
+        if cells.shape[1] < length:
+            cells = np.pad(cells, ((0, 0), (0, length - cells.shape[1]), (0, 0)))
+        raw = transforms.cell_features(cells, self.train.theta[idx], noise, phi_deg=self.phi,
+                                       dequantisation=self.dequantisation)
+        mask = cells[..., 4].astype(np.float32)
+        x = np.where(mask[..., None] > 0, self.cell_stats.apply(raw), 0.0).astype(np.float32)
+        return {"x": x, "mask": mask, "cond": self.stage2_cond(self.cluster[idx], self.cond[idx])}
+
+
+class CaloExperiment(Experiment):
+    KEY_NAMES = ("models", "train_cluster", "train", "sampling")
+    IDENTITY_FIELDS = ("experiment", "seed", "representation", "data", "sde", "cluster_model", "cell_model",
+                       "image_model", "train.prediction", "train_cluster.prediction")
+    TRAIN_SECTIONS = ("train_cluster", "train")
+
+    @property
+    def stage2(self) -> str:
+        return "cells" if self.cfg.representation == "cloud" else "image"
+
+    def validate(self, num_devices: int) -> None:
+        super().validate(num_devices)
+        cfg = self.cfg
+        require_choice(cfg, "representation", REPRESENTATIONS)
+        if not cfg.data.path:
+            require_int(cfg, "data.num_showers", minimum=20)
+        require_range(cfg, "data.momentum_range", low=0.0, high=float("inf"), unit="GeV", open_low=True)
+        require_range(cfg, "data.theta_range", low=0.0, high=60.0, unit="deg")
+        require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
+        require_int(cfg, "data.max_cells", minimum=0)
+        require_float(cfg, "data.dequantisation", low=0.0, high=1.0)
+        require_ints(cfg, "data.buckets", minimum_count=0)
+        for section in ("cluster_model", "cell_model"):
+            require_int(cfg, f"{section}.width")
+            require_int(cfg, f"{section}.depth")
+        if cfg.cell_model.width % require_int(cfg, "cell_model.num_heads"):
+            raise ConfigError(f"config.cell_model.width ({cfg.cell_model.width}) must be divisible by "
+                              f"config.cell_model.num_heads ({cfg.cell_model.num_heads})")
+        require_ints(cfg, "image_model.channels")
+        require_int(cfg, "image_model.context_width")
+        require_increasing(cfg, "eval.momentum_bins", minimum_count=2)
+        require_int(cfg, "eval.classifier.epochs")
+        require_int(cfg, "eval.classifier.batch_size")
+        require_ints(cfg, "eval.classifier.hidden")
+        require_float(cfg, "eval.classifier.learning_rate", low=0.0, open_low=True)
+
+    def load_data(self) -> PreparedData:
+        """The real file when ``data.path`` is set (point-cloud layout), else simulated showers."""
+        cfg = self.cfg
+        if cfg.data.path:
+            try:
+                showers = load(cfg.data.path)
+            except CaloDataError as err:
+                raise ConfigError(str(err)) from None
+            if isinstance(showers, CaloChallengeSet):
+                raise ConfigError(f"{cfg.data.path}: a CaloChallenge file (incident_energies, showers); "
+                                  "fpcd.data.calo.load reads it, but the calo experiment needs the point-cloud "
+                                  "layout (hcal_cells, cluster)")
+        else:
+            showers = simulate(cfg.data.num_showers, momentum_range=tuple(cfg.data.momentum_range),
+                               theta_range=tuple(cfg.data.theta_range), phi=cfg.data.phi, seed=cfg.seed,
+                               progress=self.progress)
+        data = PreparedData(cfg, showers)
+        n = cfg.sampling.num_samples
+        if len(data.test) < 2 * n:
+            raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} held-out showers (two "
+                              f"disjoint subsets for the floor), found {len(data.test)}")
+        return data
+
+    def models(self):
+        cfg = self.cfg
+        k_cluster, k_stage2 = jax.random.split(self.key("models"))
+        cluster_model = ResMLP(2, width=cfg.cluster_model.width, depth=cfg.cluster_model.depth, cond_dim=2,
+                               fourier_scale=cfg.cluster_model.fourier_scale, key=k_cluster)
+        if cfg.representation == "cloud":
+            m = cfg.cell_model
+            stage2 = SetTransformer(NUM_CELL_FEATURES, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                                    mlp_ratio=m.mlp_ratio, cond_dim=4, fourier_scale=m.fourier_scale, key=k_stage2)
+        else:
+            m = cfg.image_model
+            shape = (EPIC_FORWARD_HCAL.num_layers // GROUP,) + (EPIC_FORWARD_HCAL.num_cells // GROUP,) * 2
+            stage2 = UNet3D(shape, channels=tuple(m.channels), cond_dim=4, context_width=m.context_width,
+                            fourier_scale=m.fourier_scale, key=k_stage2)
+        return cluster_model, stage2
+
+    def stages(self, data: PreparedData):
+        cfg = self.cfg
+        cluster_model, stage2_model = self.models()
+
+        def cluster_batch(step, rows):
+            idx = batch_indices(cfg.seed, step, len(data.cluster), cfg.train_cluster.batch_size)[rows]
+            return {"x": data.cluster[idx], "cond": data.cond[idx]}
+
+        if cfg.representation == "cloud":
+            def stage2_batch(step, rows):
+                return data.cloud_batch(cfg.seed + 1, step, cfg.train.batch_size, rows)
+
+            def probe_batch(rows):  # the largest bucket sets the peak memory
+                return data.cloud_batch(cfg.seed + 1, 0, cfg.train.batch_size, rows, length=data.lengths[-1])
+        else:
+            def stage2_batch(step, rows):
+                idx = batch_indices(cfg.seed + 1, step, len(data.images), cfg.train.batch_size)[rows]
+                return {"x": data.images[idx], "cond": data.stage2_cond(data.cluster[idx], data.cond[idx])}
+
+            def probe_batch(rows):
+                return stage2_batch(0, rows)
+
+        return (Stage("cluster", cluster_model, cfg.train_cluster, self.key("train_cluster"), cluster_batch),
+                Stage(self.stage2, stage2_model, cfg.train, self.key("train"), stage2_batch, probe_batch))
+
+    def batch_size(self, n: int, sampler) -> int:
+        """The sampling batch for ``n`` showers: ``sampling.batch_size`` or less, a multiple of the devices."""
+        devices = 1 if sampler.mesh is None else sampler.mesh.devices.size
+        return max(devices, min(int(self.cfg.sampling.batch_size), -(-n // devices) * devices))
+
+    def generate(self, data: PreparedData, models, group, run, key, sampler, momentum=None, theta=None):
+        """One shower per held-out (momentum, theta) (or the given ones) through both stages."""
+        cfg = self.cfg
+        if momentum is None:
+            truth = data.test.take(slice(0, cfg.sampling.num_samples))
+            momentum, theta = truth.momentum, truth.theta
+        n = len(momentum)
+        k_cluster, k_stage2 = jax.random.split(key)
+        cond_std = data.cond_stats.apply(transforms.conditions(momentum, theta))
+        cluster_std, nfe_cluster, seconds_cluster = sampler(
+            lambda cond, mask: score_fn_from(models["cluster"], self.sde, prediction=cfg.train_cluster.prediction,
+                                             cond=cond),
+            k_cluster, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=(2,), run=run,
+            description="sample cluster features", conditions=cond_std)
+        finite = np.all(np.isfinite(cluster_std), axis=1)
+        cluster = data.cluster_stats.invert(np.where(finite[:, None], cluster_std, 0.0))
+        total_energy = 10.0 ** np.clip(cluster[:, 0], -6, 3)
+        num_cells = np.clip(np.rint(cluster[:, 1]), 1, data.max_cells).astype(np.int64)
+        cluster[:, 1] = num_cells
+        cond2 = data.stage2_cond(data.cluster_stats.apply(cluster), cond_std)
+        if cfg.representation == "cloud":
+            cells, images, finite, seconds, nfe = self._generate_cells(data, models, run, k_stage2, sampler, cond2,
+                                                                       num_cells, theta, total_energy, finite)
+        else:
+            cells, images, finite, seconds, nfe = self._generate_images(data, models, run, k_stage2, sampler, cond2,
+                                                                        total_energy, finite)
+        cells[~finite] = 0.0
+        images[~finite] = 0.0
+        total = seconds + seconds_cluster
+        info = {"nfe": nfe, "nfe_cluster_stage": nfe_cluster, "seconds_cluster_stage": seconds_cluster,
+                "seconds": total, "seconds_stage2": seconds, "ms_per_shower": 1000.0 * total / n,
+                "num_nonfinite": int(np.sum(~finite))}
+        arrays = {"hcal_cells": cells, "cluster": transforms.cells_to_cluster(cells, momentum, theta),
+                  "voxels": images, "finite": finite}
+        return arrays, info
+
+    def _generate_cells(self, data, models, run, key, sampler, cond2, num_cells, theta, total_energy, finite):
+        cfg, n = self.cfg, len(cond2)
+        features = np.zeros((n, data.max_cells, NUM_CELL_FEATURES), np.float32)
+        bucket = np.searchsorted(data.lengths, num_cells)
+        seconds, nfe = 0.0, 0
+        for b, length in enumerate(data.lengths):
+            rows = np.nonzero(bucket == b)[0]
+            if not len(rows):
+                continue
+            masks = (np.arange(length)[None, :] < num_cells[rows][:, None]).astype(np.float32)
+            x, nfe_b, secs = sampler(
+                lambda cond, mask: score_fn_from(models["cells"], self.sde, prediction=cfg.train.prediction,
+                                                 mask=mask, cond=cond),
+                jax.random.fold_in(key, b), num_samples=len(rows), batch_size=self.batch_size(len(rows), sampler),
+                sample_shape=(length, NUM_CELL_FEATURES), run=run, description=f"sample cells (<= {length})",
+                conditions=cond2[rows], mask=masks)
+            features[rows, :length] = x
+            nfe, seconds = max(nfe, nfe_b), seconds + secs
+        finite &= np.all(np.isfinite(features), axis=(1, 2))
+        features = np.where(finite[:, None, None], features, 0.0)
+        mask = np.arange(data.max_cells)[None, :] < num_cells[:, None]
+        cells = transforms.cells_from_features(data.cell_stats.invert(features), mask & finite[:, None], theta,
+                                               total_energy, data.max_cells, phi_deg=data.phi,
+                                               resolve_collisions=cfg.sampling.resolve_collisions)
+        return cells, to_voxels(cells, group=GROUP), finite, seconds, nfe
+
+    def _generate_images(self, data, models, run, key, sampler, cond2, total_energy, finite):
+        cfg, n = self.cfg, len(cond2)
+        x, nfe, seconds = sampler(
+            lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train.prediction, cond=cond),
+            key, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=data.images.shape[1:], run=run,
+            description="sample voxel images", conditions=cond2)
+        finite &= np.all(np.isfinite(x), axis=(1, 2, 3))
+        logs = data.image_stats.invert(np.where(finite[:, None, None, None], x, -10.0))
+        images = transforms.log_fractions_to_image(logs, total_energy)
+        images = np.where(images > EPIC_FORWARD_HCAL.threshold_mev * 1e-3, images, 0.0).astype(np.float32)
+        return from_voxels(images, group=GROUP), images, finite, seconds, nfe
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def _classifier(self, truth, generated):
+        c = self.cfg.eval.classifier
+        return calo_metrics.classifier_auc(truth, generated, seed=int(self.cfg.eval.seed), hidden=tuple(c.hidden),
+                                           epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate)
+
+    def evaluate(self, data: PreparedData, samples, models, *, figures_dir):
+        cfg = self.cfg
+        n = cfg.sampling.num_samples
+        truth_a, truth_b = data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
+        levels = ("cell", "voxel") if cfg.representation == "cloud" else ("voxel",)
+        images_a, images_b = to_voxels(truth_a.cells, group=GROUP), to_voxels(truth_b.cells, group=GROUP)
+        truth_obs = {"voxel": (voxel_observables(images_a, truth_a.momentum),
+                               voxel_observables(images_b, truth_b.momentum))}
+        if "cell" in levels:
+            truth_obs["cell"] = (calo_metrics.shower_observables(truth_a.cells, truth_a.momentum),
+                                 calo_metrics.shower_observables(truth_b.cells, truth_b.momentum))
+        floors = {level: calo_metrics.observable_w1(*truth_obs[level]) for level in levels}
+        features = calo_metrics.high_level_features
+        metrics = {"experiment": cfg.experiment, "representation": cfg.representation, "num_samples": n,
+                   "num_empty_showers_dropped": data.num_empty, "floor": floors, "runs": {}}
+        metrics["classifier_floor"] = {
+            "voxel_image": self._classifier(calo_metrics.voxel_features(images_a, truth_a.momentum),
+                                            calo_metrics.voxel_features(images_b, truth_b.momentum))["auc"],
+            **{f"high_level_{level}": self._classifier(
+                features(truth_obs[level][0], truth_a.momentum, truth_a.theta),
+                features(truth_obs[level][1], truth_b.momentum, truth_b.theta))["auc"] for level in levels},
+        }
+        generated_obs = {}
+        for name, r in samples[""].items():
+            keep = np.asarray(r.arrays["finite"], bool)
+            p, th = truth_a.momentum[keep], truth_a.theta[keep]
+            obs = {"voxel": voxel_observables(r.arrays["voxels"][keep], p)}
+            if "cell" in levels:
+                obs["cell"] = calo_metrics.shower_observables(r.arrays["hcal_cells"][keep], p)
+            generated_obs[name] = obs
+            row = {"method": r.run["method"], "options": {k: v for k, v in r.run.items() if k != "method"}, **r.info}
+            for level in levels:
+                truth_kept = {k: v[keep] for k, v in truth_obs[level][0].items()}
+                row[level] = w1_block(truth_obs[level][0], obs[level], floors[level])
+                row[level]["classifier_high_level"] = self._classifier(features(truth_kept, p, th),
+                                                                       features(obs[level], p, th))
+            row["voxel"]["classifier_voxel_image"] = self._classifier(
+                calo_metrics.voxel_features(images_a[keep], p), calo_metrics.voxel_features(r.arrays["voxels"][keep], p))
+            metrics["runs"][name] = row
+            if self.progress:
+                print(f"[eval] {name}: AUC high-level {row[levels[0]]['classifier_high_level']['auc']:.3f}, "
+                      f"voxels {row['voxel']['classifier_voxel_image']['auc']:.3f}; W1/floor "
+                      f"{row[levels[0]]['w1_over_floor_mean']:.2f}", flush=True)
+        if figures_dir is not None:
+            self._figures(figures_dir, metrics, samples[""], truth_obs, generated_obs, truth_a.momentum, levels)
+        metrics["summary"] = self._summary(figures_dir, metrics)
+        comparison = self._compare_with(figures_dir, metrics)
+        if comparison is not None:
+            metrics["comparison"] = comparison
+        return metrics
+
+    def _figures(self, directory, metrics, samples, truth_obs, generated_obs, momentum, levels):
+        bins = tuple(self.cfg.eval.momentum_bins)
+        for level in levels:
+            generated = {name: (obs[level], momentum[np.asarray(samples[name].arrays["finite"], bool)])
+                         for name, obs in generated_obs.items()}
+            title = f"{self.cfg.representation} model, {level} level"
+            observables_by_momentum(truth_obs[level][0], momentum, generated, bins,
+                                    os.path.join(directory, f"observables_{level}.png"),
+                                    title=f"{title}: generated vs held-out truth")
+            profiles_by_momentum(truth_obs[level][0], momentum, generated, bins,
+                                 os.path.join(directory, f"profiles_{level}.png"), title=f"{title}: mean profiles")
+        runs = {name: {"method": r["method"], "nfe": r["nfe"], "w1_over_floor": r["voxel"]["w1_over_floor_mean"]}
+                for name, r in metrics["runs"].items()}
+        nfe_vs_w1(runs, os.path.join(directory, "nfe_vs_w1.png"), floor=1.0, metric_key="w1_over_floor",
+                  ylabel="voxel-level W1 / truth floor (mean over observables)")
+
+    def _summary(self, workdir, metrics) -> dict:
+        """The row of this run in the point-cloud vs image table (first sampler run)."""
+        train_info = read_json(os.path.join(workdir, TRAIN_INFO_FILE)) if workdir else {}
+        cluster_model, stage2_model = self.models()
+        name, first = next(iter(metrics["runs"].items()))
+        memory = train_info.get(self.stage2, {}).get("step_memory_bytes")
+        return {
+            "representation": self.cfg.representation, "run": name, "nfe": first["nfe"],
+            "parameters_stage2": count_parameters(stage2_model),
+            "parameters_total": count_parameters(cluster_model) + count_parameters(stage2_model),
+            "train_step_memory_mb_stage2": None if memory is None else memory / 2**20,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "training_seconds_stage2": train_info.get(self.stage2, {}).get("seconds"),
+            "training_seconds_total": sum(v.get("seconds", 0.0) for v in train_info.values()) or None,
+            "ms_per_shower": first["ms_per_shower"],
+            "auc_high_level": first["voxel"]["classifier_high_level"]["auc"],
+            "auc_voxel_image": first["voxel"]["classifier_voxel_image"]["auc"],
+            "w1_voxel": first["voxel"]["w1"], "w1_over_floor_voxel": first["voxel"]["w1_over_floor_mean"],
+            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+        }
+
+    def _compare_with(self, workdir, metrics):
+        """Write ``comparison.{json,md}`` when ``eval.compare_with`` holds the other representation's run."""
+        other_dir = self.cfg.eval.compare_with
+        path = os.path.join(other_dir, "metrics.json") if other_dir else ""
+        if not workdir or not path or not os.path.exists(path) or \
+                os.path.abspath(other_dir) == os.path.abspath(workdir):
+            return None
+        other = read_json(path)
+        if other.get("representation") == metrics["representation"] or "summary" not in other:
+            return None
+        rows = {metrics["representation"]: metrics["summary"], other["representation"]: other["summary"]}
+        table = comparison_table(rows["cloud"], rows["image"])
+        write_json(os.path.join(workdir, "comparison.json"), rows)
+        atomic_write(os.path.join(workdir, "comparison.md"), lambda tmp: open(tmp, "w").write(table + "\n"))
+        return {"table": table, "other_workdir": other_dir}
+
+    def format_results(self, metrics: dict) -> str:
+        levels = ("cell", "voxel") if metrics["representation"] == "cloud" else ("voxel",)
+        lines = [f"{'run':<12}{'NFE':>6}{'ms/shower':>11}" + "".join(f"{'W1/floor ' + lv:>17}{'AUC ' + lv:>11}"
+                                                                   for lv in levels) + f"{'AUC voxels':>12}"]
+        for name, r in metrics["runs"].items():
+            line = f"{name:<12}{r['nfe']:>6}{r['ms_per_shower']:>11.2f}"
+            for level in levels:
+                line += f"{r[level]['w1_over_floor_mean']:>17.2f}{r[level]['classifier_high_level']['auc']:>11.3f}"
+            lines.append(line + f"{r['voxel']['classifier_voxel_image']['auc']:>12.3f}")
+        lines.append("truth vs truth AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["classifier_floor"].items()))
+        if "comparison" in metrics:
+            lines += ["", metrics["comparison"]["table"]]
+        return "\n".join(lines)
+
+
+def voxel_observables(images, momentum):
+    return calo_metrics.shower_observables(from_voxels(images, group=GROUP), momentum, group=GROUP)
+
+
+def w1_block(truth_obs, generated_obs, floor):
+    w1 = calo_metrics.observable_w1(truth_obs, generated_obs)
+    ratios = [w1[k] / floor[k] for k in w1 if floor[k] > 0]
+    return {"w1": w1, "w1_over_floor_mean": float(np.mean(ratios))}
+
+
+COMPARISON_ROWS = (
+    ("parameters_stage2", "parameters (stage 2)", "{:,.0f}"),
+    ("train_step_memory_mb_stage2", "train-step memory, MB (XLA)", "{:.1f}"),
+    ("process_peak_rss_mb", "process peak RSS, MB", "{:.0f}"),
+    ("training_seconds_stage2", "training seconds (stage 2)", "{:.0f}"),
+    ("ms_per_shower", "ms per generated shower", "{:.2f}"),
+    ("auc_high_level", "classifier AUC, high-level", "{:.3f}"),
+    ("auc_voxel_image", "classifier AUC, voxel image", "{:.3f}"),
+    ("w1_over_floor_voxel", "voxel W1 / floor (mean)", "{:.2f}"),
+)
+
+
+def comparison_table(cloud: dict, image: dict) -> str:
+    """Markdown table of two summary rows (point cloud, image) of ``metrics.json``."""
+    lines = ["| quantity | point cloud | image |", "|---|---:|---:|"]
+    for key, label, fmt in COMPARISON_ROWS:
+        cells = [("n/a" if row.get(key) is None else fmt.format(row[key])) for row in (cloud, image)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    for obs in calo_metrics.SCALAR_OBSERVABLES + calo_metrics.VECTOR_OBSERVABLES:
+        lines.append(f"| W1 {obs} (voxel level) | {cloud['w1_voxel'][obs]:.4g} | {image['w1_voxel'][obs]:.4g} |")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""FPCD on JetNet jets: a two-stage class-conditional model, every sampler, the jet metrics.
+
+Stage 1 (``"jet"``): a :class:`~fpcd.nets.ResMLP` score model of the standardised jet features
+(pT, eta, mass, multiplicity) conditioned on the one-hot jet type. Stage 2 (``"particle"``): a
+:class:`~fpcd.nets.SetTransformer` score model of the standardised constituents (eta_rel,
+phi_rel, log pt_rel) conditioned on the jet features and the type, with the multiplicity as the
+mask. Sampling draws jet features first, turns the multiplicity into the mask, then samples the
+constituents; both are post-processed to JetNet units (:mod:`fpcd.data.jet_transforms`).
+
+Outputs in the workdir: ``metrics.json`` (per type and sampler run: NFE of each stage, seconds,
+jets/s, W1M, W1P, W1EFP, FPD, KPD with their errors, and the truth-vs-truth floor of each),
+``samples_<type>.h5`` (JetNet layout: the first run at the top level, every run under
+``runs/<name>/``), ``jets_<type>.png`` and ``nfe_vs_w1m.png`` / ``nfe_vs_w1p.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+import numpy as np
+
+from fpcd.config import ConfigError, get_field, require_float, require_int, require_strings
+from fpcd.data import jet_transforms
+from fpcd.data.jetnet import JET_TYPES, JetDataError, JetSet, cached_generate, load
+from fpcd.metrics import jets as jet_metrics
+from fpcd.nets import ResMLP, SetTransformer, score_fn_from
+from fpcd.plots.common import nfe_vs_w1
+from fpcd.plots.jets import compare
+from fpcd.runner import Experiment, Stage
+from fpcd.train import batch_indices
+
+NUM_JET_FEATURES = 4
+NUM_PARTICLE_FEATURES = 3
+
+
+def one_hot(jet_type: str, types: tuple[str, ...], n: int) -> np.ndarray:
+    vector = np.zeros((n, len(types)), np.float32)
+    vector[:, types.index(jet_type)] = 1.0
+    return vector
+
+
+def split(jets: JetSet, test_fraction: float) -> tuple[JetSet, JetSet]:
+    """(train, test): the last ``test_fraction`` of the file is the test split (as FPCD)."""
+    cut = int(round(len(jets) * (1.0 - test_fraction)))
+    return jets.take(slice(0, cut)), jets.take(slice(cut, None))
+
+
+class PreparedData:
+    """Centred train/test jets per type, their standardisation and the stacked training arrays."""
+
+    def __init__(self, types, jets_by_type: dict, test_fraction: float):
+        self.types = types
+        self.train, self.test, self.stats = {}, {}, {}
+        parts = {"jet": [], "particles": [], "mask": [], "type": []}
+        for jet_type in types:
+            jets = jets_by_type[jet_type]
+            jets = JetSet(jet_type, jet_transforms.recenter(jets.particle_features), jets.jet_features)
+            train, test = split(jets, test_fraction)
+            self.train[jet_type], self.test[jet_type] = train, test
+            self.stats[jet_type] = stats = jet_transforms.fit_standardisation(train)
+            particles, mask, jet = jet_transforms.preprocess(train, stats)
+            for name, value in (("jet", jet), ("particles", particles), ("mask", mask),
+                                ("type", one_hot(jet_type, types, len(train)))):
+                parts[name].append(value)
+        self.jet, self.particles, self.mask, self.type = (np.concatenate(parts[k]) for k in
+                                                           ("jet", "particles", "mask", "type"))
+
+    def __len__(self):
+        return len(self.jet)
+
+
+def jet_metric_row(truth: JetSet, jets: JetSet, *, num_batches: int, seed: int) -> dict:
+    """W1M, W1P (mean of 3), W1EFP (mean of 5), FPD and KPD of ``jets`` against ``truth``."""
+    n = min(len(truth), len(jets))
+    kw = {"num_eval_samples": n, "num_batches": num_batches, "seed": seed}
+    a, b = truth.particle_features, jets.particle_features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w1m = jet_metrics.w1m(a, b, **kw)
+        w1p = jet_metrics.w1p(a, b, **kw)
+        w1efp = jet_metrics.w1efp(a, b, **kw)
+        fa, fb = jet_metrics.get_fpd_kpd_jet_features(a), jet_metrics.get_fpd_kpd_jet_features(b)
+        fpd = jet_metrics.fpd(fa, fb, min_samples=max(n // 2, 2), max_samples=n, num_batches=10, num_points=5,
+                              seed=seed)
+        kpd = jet_metrics.kpd(fa, fb, batch_size=min(5000, n), seed=seed)
+    return {
+        "w1m": w1m[0], "w1m_std": w1m[1],
+        "w1p": float(np.mean(w1p[0])), "w1p_std": float(np.mean(w1p[1])), "w1p_per_feature": np.asarray(w1p[0]).tolist(),
+        "w1efp": float(np.mean(w1efp[0])), "w1efp_std": float(np.mean(w1efp[1])),
+        "fpd": fpd[0], "fpd_err": fpd[1], "kpd": kpd[0], "kpd_err": kpd[1],
+    }
+
+
+class JetsExperiment(Experiment):
+    KEY_NAMES = ("models", "train_jet", "train", "sampling")
+    IDENTITY_FIELDS = ("experiment", "seed", "data", "sde", "jet_model", "particle_model", "train.prediction",
+                       "train_jet.prediction")
+    TRAIN_SECTIONS = ("train_jet", "train")
+
+    def validate(self, num_devices: int) -> None:
+        super().validate(num_devices)
+        cfg = self.cfg
+        types = require_strings(cfg, "data.jet_types")
+        unknown = [t for t in types if t not in JET_TYPES]
+        if unknown or len(set(types)) != len(types):
+            raise ConfigError(f"config.data.jet_types={types!r}: unknown or repeated jet type(s) {unknown}; use a "
+                              f"tuple of distinct types from {JET_TYPES}")
+        num_particles = require_int(cfg, "data.num_particles")
+        if cfg.data.path_pattern and num_particles not in (30, 150):
+            raise ConfigError(f"config.data.num_particles={num_particles}: the real JetNet files hold 30 or 150 "
+                              "particles per jet")
+        if cfg.data.path_pattern and "{type}" not in cfg.data.path_pattern:
+            raise ConfigError(f"config.data.path_pattern={cfg.data.path_pattern!r} must contain '{{type}}'")
+        require_int(cfg, "data.num_jets", minimum=10)
+        require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
+        require_int(cfg, "data.workers", minimum=0)
+        for section in ("jet_model", "particle_model"):
+            require_int(cfg, f"{section}.width")
+            require_int(cfg, f"{section}.depth")
+        require_int(cfg, "particle_model.num_heads")
+        if cfg.particle_model.width % cfg.particle_model.num_heads:
+            raise ConfigError(f"config.particle_model.width ({cfg.particle_model.width}) must be divisible by "
+                              f"config.particle_model.num_heads ({cfg.particle_model.num_heads})")
+        require_int(cfg, "eval.num_batches")
+        get_field(cfg, "eval.seed")
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self.cfg.data.jet_types)
+
+    def load_jets(self, jet_type: str) -> JetSet:
+        """All jets of one type: the real file when ``data.path_pattern`` is set, else generated (cached)."""
+        cfg = self.cfg
+        if cfg.data.path_pattern:
+            suffix = "" if cfg.data.num_particles == 30 else "150"
+            path = cfg.data.path_pattern.format(type=jet_type + suffix)
+            return load(path, jet_type=jet_type, num_particles=cfg.data.num_particles)
+        return cached_generate(jet_type, cfg.data.num_jets, num_particles=cfg.data.num_particles,
+                               seed=cfg.seed + 1000 * JET_TYPES.index(jet_type), cache_dir=cfg.data.cache_dir or None,
+                               workers=cfg.data.workers or None, progress=self.progress)
+
+    def load_data(self) -> PreparedData:
+        try:
+            jets = {jet_type: self.load_jets(jet_type) for jet_type in self.types}
+        except JetDataError as err:
+            raise ConfigError(str(err)) from None
+        data = PreparedData(self.types, jets, self.cfg.data.test_fraction)
+        n = self.cfg.sampling.num_samples
+        for jet_type in self.types:
+            if len(data.test[jet_type]) < 2 * n:
+                raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} test jets of type "
+                                  f"{jet_type!r} (two disjoint subsets for the floor), found {len(data.test[jet_type])}")
+        return data
+
+    def models(self, num_types: int):
+        cfg = self.cfg
+        k_jet, k_particle = jax.random.split(self.key("models"))
+        jet_model = ResMLP(NUM_JET_FEATURES, width=cfg.jet_model.width, depth=cfg.jet_model.depth,
+                           cond_dim=num_types, fourier_scale=cfg.jet_model.fourier_scale, key=k_jet)
+        p = cfg.particle_model
+        particle_model = SetTransformer(NUM_PARTICLE_FEATURES, width=p.width, depth=p.depth, num_heads=p.num_heads,
+                                        mlp_ratio=p.mlp_ratio, cond_dim=NUM_JET_FEATURES + num_types,
+                                        fourier_scale=p.fourier_scale, key=k_particle)
+        return jet_model, particle_model
+
+    def stages(self, data: PreparedData):
+        cfg = self.cfg
+        jet_model, particle_model = self.models(len(data.types))
+
+        def jet_batch(step, rows):
+            idx = batch_indices(cfg.seed, step, len(data), cfg.train_jet.batch_size)[rows]
+            return {"x": data.jet[idx], "cond": data.type[idx]}
+
+        def particle_batch(step, rows):
+            idx = batch_indices(cfg.seed + 1, step, len(data), cfg.train.batch_size)[rows]
+            cond = np.concatenate([data.jet[idx], data.type[idx]], axis=1)
+            return {"x": data.particles[idx], "mask": data.mask[idx], "cond": cond}
+
+        return (Stage("jet", jet_model, cfg.train_jet, self.key("train_jet"), jet_batch),
+                Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch))
+
+    def sample_groups(self, data):
+        return data.types
+
+    def samples_attrs(self, group):
+        return {"jet_type": group}
+
+    def generate(self, data: PreparedData, models, jet_type, run, key, sampler, num_samples=None):
+        """Jets of one type through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""
+        cfg = self.cfg
+        n = num_samples or cfg.sampling.num_samples
+        batch, num_particles, stats = cfg.sampling.batch_size, cfg.data.num_particles, data.stats[jet_type]
+        types = one_hot(jet_type, data.types, n)
+        k_jet, k_particle = jax.random.split(key)
+        jet_std, jet_nfe, jet_seconds = sampler(
+            lambda cond, mask: score_fn_from(models["jet"], self.sde, prediction=cfg.train_jet.prediction, cond=cond),
+            k_jet, num_samples=n, batch_size=batch, sample_shape=(NUM_JET_FEATURES,), run=run,
+            description=f"sample {jet_type} jets", conditions=types)
+        # The multiplicity sets the mask; the particle stage sees the jet features it was trained on.
+        multiplicity = np.clip(np.rint(stats.jet.invert(jet_std)[:, 3]), 1, num_particles)
+        jet_std = jet_std.copy()
+        jet_std[:, 3] = (multiplicity - stats.jet.mean[3]) / stats.jet.std[3]
+        mask = jet_transforms.multiplicity_mask(multiplicity, num_particles)
+        particles, particle_nfe, particle_seconds = sampler(
+            lambda cond, mask: score_fn_from(models["particle"], self.sde, prediction=cfg.train.prediction,
+                                             mask=mask, cond=cond),
+            k_particle, num_samples=n, batch_size=batch, sample_shape=(num_particles, NUM_PARTICLE_FEATURES), run=run,
+            description=f"sample {jet_type} particles", conditions=np.concatenate([jet_std, types], axis=1),
+            mask=mask)
+        finite = np.all(np.isfinite(particles), axis=(1, 2)) & np.all(np.isfinite(jet_std), axis=1)
+        jets = jet_transforms.postprocess(particles[finite], mask[finite], jet_std[finite], stats, jet_type)
+        seconds = jet_seconds + particle_seconds
+        info = {"nfe": particle_nfe, "nfe_jet_stage": jet_nfe, "seconds": seconds,
+                "num_nonfinite_dropped": int(np.sum(~finite)), "seconds_jet_stage": jet_seconds,
+                "jets_per_second": n / seconds if seconds > 0 else None}
+        return {"particle_features": jets.particle_features, "jet_features": jets.jet_features}, info
+
+    def evaluate(self, data: PreparedData, samples, models, *, figures_dir):
+        cfg = self.cfg
+        n = cfg.sampling.num_samples
+        kw = {"num_batches": cfg.eval.num_batches, "seed": cfg.eval.seed}
+        metrics = {"experiment": cfg.experiment, "num_samples": n, "types": {}}
+        for jet_type in data.types:
+            test = data.test[jet_type]
+            truth, other = test.take(slice(0, n)), test.take(slice(n, 2 * n))
+            row = {"floor": jet_metric_row(truth, other, **kw), "runs": {}}
+            generated = {}
+            for name, r in samples[jet_type].items():
+                generated[name] = JetSet(jet_type, r.arrays["particle_features"], r.arrays["jet_features"])
+                row["runs"][name] = {"method": r.run["method"],
+                                     "options": {k: v for k, v in r.run.items() if k != "method"},
+                                     **r.info, **jet_metric_row(truth, generated[name], **kw)}
+            metrics["types"][jet_type] = row
+            if figures_dir is not None:
+                compare(truth, generated, os.path.join(figures_dir, f"jets_{jet_type}.png"),
+                        title=f"{jet_type} jets: generated vs truth")
+        if figures_dir is not None:
+            for key, label in (("w1m", "W1M"), ("w1p", "W1P (mean of 3)")):
+                runs = {f"{t}:{name}": {"method": f"{t} {r['method']}", "nfe": r["nfe"], key: r[key]}
+                        for t, row in metrics["types"].items() for name, r in row["runs"].items()}
+                floor = float(np.mean([row["floor"][key] for row in metrics["types"].values()]))
+                nfe_vs_w1(runs, os.path.join(figures_dir, f"nfe_vs_{key}.png"), floor=floor, metric_key=key,
+                          ylabel=label)
+        return metrics
+
+    def format_results(self, metrics):
+        lines = [f"{'type':<5}{'run':<12}{'NFE':>6}{'jets/s':>9}{'W1M':>10}{'W1P':>10}{'W1EFP':>11}{'FPD':>10}"
+                 f"{'KPD':>11}"]
+        for jet_type, row in metrics["types"].items():
+            for name, r in [("floor", {**row["floor"], "nfe": 0, "jets_per_second": 0.0}), *row["runs"].items()]:
+                lines.append(f"{jet_type:<5}{name:<12}{r['nfe']:>6}{r['jets_per_second'] or 0:>9.1f}{r['w1m']:>10.5f}"
+                             f"{r['w1p']:>10.5f}{r['w1efp']:>11.2e}{r['fpd']:>10.4f}{r['kpd']:>11.2e}")
+        return "\n".join(lines)

@@ -1,1 +1,0 @@
-"""Experiment pipelines run by ``experiments/main.py``: one module per experiment kind."""

@@ -1,0 +1,625 @@
+"""One runner for every experiment: modes, stage training with resume, sampling, outputs.
+
+An experiment is a subclass of :class:`Experiment` that supplies only what is its own (the
+hooks): its data (:meth:`~Experiment.load_data`), the models of its stages and their training
+batches (:meth:`~Experiment.stages`), how one sampler run generates samples through its stages
+(:meth:`~Experiment.generate`), and its evaluation (:meth:`~Experiment.evaluate`,
+:meth:`~Experiment.format_results`). :func:`train_and_evaluate` does the rest for all of them:
+
+* ``mode="train"``: validate the config, claim the workdir, train every stage in order, each
+  resuming from its newest checkpoint (``checkpoints/<stage>``), logging to ``train_log.jsonl``,
+  TensorBoard event files (``tensorboard/<stage>``) and ``loss_curves.png``.
+* ``mode="sample"``: restore every stage's EMA model and run every sampler of
+  ``config.sampling.runs`` through :meth:`~Experiment.generate`, timed, for every sample group
+  (e.g. jet type); write ``samples.h5`` (or ``samples_<group>.h5``): each run's arrays under
+  ``runs/<name>/``, the first run's also at the top level (the public layout of the data).
+* ``mode="eval"``: read the samples back and evaluate; write ``metrics.json`` and print the
+  experiment's console table.
+* ``mode="all"``: the three in order.
+
+Multi-process jobs (``jax.distributed``): every process runs the same code on the same host
+data; each builds only its own rows of each training batch (:func:`process_rows`) and feeds them
+with ``make_array_from_process_local_data``; sampling is data-parallel over every device of
+every process and gathered back to every process; only process 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import equinox as eqx
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from fpcd.checkpoint import Checkpointer
+from fpcd.config import ConfigError, validate_common
+from fpcd.io import atomic_write, write_json
+from fpcd.parallel import batch_sharding, replicate, shard_batch
+from fpcd.sampling import sample
+from fpcd.sde import VPSDE
+from fpcd.train import fit, init_train_state, learning_rate_schedule, make_optimizer, make_train_step
+
+CONFIG_FILE = "config.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+TRAIN_INFO_FILE = "train_info.json"
+METRICS_FILE = "metrics.json"
+MODES = ("train", "sample", "eval", "all")
+
+
+def is_main_process() -> bool:
+    """True on process 0, the only one that writes files and prints."""
+    return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    """Print ``message`` on process 0 only."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+# --- the experiment interface ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One trained model of an experiment.
+
+    Attributes:
+      name: the stage's name (checkpoint directory, log rows, ``models[name]``).
+      model: a freshly initialised model (the template of its checkpoints).
+      train: the config section of its training (``config.train`` or another of the same fields).
+      key: PRNG key of its train state.
+      batch: ``(step, rows) -> dict of host arrays``: the rows ``rows`` (a slice of the global
+        batch of ``train.batch_size``) of the training batch at ``step``; must depend only on
+        ``(step, rows)`` so that a resumed or multi-process run sees the same data.
+      probe_batch: optional ``rows -> batch`` of the largest shape the stage trains on; when
+        given, the runner records the compiled train step's planned memory (``train_info.json``).
+    """
+
+    name: str
+    model: eqx.Module
+    train: Any
+    key: jax.Array
+    batch: Callable[[int, slice], dict]
+    probe_batch: Callable[[slice], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSamples:
+    """What one sampler run produced for one sample group: host ``arrays``, its ``info`` (NFE,
+    seconds, ...) and the ``run`` options (``{"method": ..., **options}``)."""
+
+    arrays: dict
+    info: dict
+    run: dict
+
+
+class Experiment(abc.ABC):
+    """Base class of experiments run by :func:`train_and_evaluate` (vdm's ``Experiment``).
+
+    Subclasses set ``KEY_NAMES`` (names of the root key's ``fold_in`` children, in order; it must
+    contain ``"sampling"``), ``IDENTITY_FIELDS`` (config fields that make two configs the same run)
+    and ``TRAIN_SECTIONS`` (config sections of training fields), and implement the hooks.
+    """
+
+    KEY_NAMES: tuple[str, ...] = ("models", "train", "sampling")
+    IDENTITY_FIELDS: tuple[str, ...] = ("experiment", "seed", "data", "sde")
+    TRAIN_SECTIONS: tuple[str, ...] = ("train",)
+
+    def __init__(self, cfg, *, progress: bool = True):
+        self.cfg = cfg
+        self.progress = bool(progress) and is_main_process()
+
+    @property
+    def sde(self) -> VPSDE:
+        """The VP SDE of ``config.sde`` (built on use, so that :meth:`validate` reports bad values first)."""
+        s = self.cfg.sde
+        return VPSDE(beta_min=float(s.beta_min), beta_max=float(s.beta_max), schedule=s.schedule)
+
+    def key(self, name: str):
+        """The experiment's key called ``name``: ``fold_in(key(seed), KEY_NAMES.index(name))``."""
+        return jax.random.fold_in(jax.random.key(self.cfg.seed), self.KEY_NAMES.index(name))
+
+    # hooks ------------------------------------------------------------------------------------
+
+    def validate(self, num_devices: int) -> None:
+        """Raise :class:`~fpcd.config.ConfigError` naming the field of a bad config value."""
+        validate_common(self.cfg, num_devices=num_devices, train_sections=self.TRAIN_SECTIONS)
+
+    @abc.abstractmethod
+    def load_data(self):
+        """Load or generate, split and preprocess the data (any object the other hooks understand)."""
+
+    @abc.abstractmethod
+    def stages(self, data) -> tuple[Stage, ...]:
+        """The trained models, in training order."""
+
+    def sample_groups(self, data) -> tuple[str, ...]:
+        """Names of the groups sampled separately (e.g. jet types); ``("",)``: one group."""
+        return ("",)
+
+    @abc.abstractmethod
+    def generate(self, data, models: dict, group: str, run: dict, key, sampler: "BatchSampler") -> tuple[dict, dict]:
+        """Generate the samples of ``group`` with one sampler ``run`` through every stage.
+
+        Args:
+          models: ``stage name -> EMA model``.
+          run: ``{"method": ..., **options}``.
+          sampler: draws batches of one stage (:class:`BatchSampler`), timed, on every device.
+
+        Returns:
+          ``(arrays, info)``: host arrays to write (the public layout of the data) and a JSON-able
+          dict holding at least ``nfe`` and ``seconds``.
+        """
+
+    @abc.abstractmethod
+    def evaluate(self, data, samples: dict, models: dict, *, figures_dir: str | None) -> dict:
+        """Metrics of ``samples`` (``group -> run name -> RunSamples``) as a JSON-able dict.
+
+        Runs on every process; figures are written to ``figures_dir`` when it is not None
+        (process 0).
+        """
+
+    @abc.abstractmethod
+    def format_results(self, metrics: dict) -> str:
+        """The console table of ``metrics``."""
+
+    def samples_file(self, group: str) -> str:
+        return f"samples_{group}.h5" if group else "samples.h5"
+
+    def samples_attrs(self, group: str) -> dict:
+        """Attributes of the root group of ``group``'s samples file."""
+        return {}
+
+
+# --- multi-process helpers -----------------------------------------------------------------------
+
+
+def process_rows(mesh, batch_size: int) -> slice:
+    """The rows of a ``(batch_size, ...)`` batch sharded over ``mesh`` that this process feeds."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    starts = [index[0].start or 0 for index in indices.values()]
+    stops = [batch_size if index[0].stop is None else index[0].stop for index in indices.values()]
+    return slice(min(starts), max(stops))
+
+
+def to_host(x) -> np.ndarray:
+    """A global array as a numpy array on every process (gathered when it spans several)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def place_rows(array, sharding):
+    """A host array ``(B, ...)`` identical on every process as a global array with ``sharding``;
+    each process copies only its own rows."""
+    array = np.asarray(array)
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+# --- workdir ---------------------------------------------------------------------------------------
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) -> bool:
+    """Refuse a workdir holding a run of a different config; True when it holds one of this config.
+
+    Two configs are the same run when they agree on every field under ``identity_fields``
+    (dotted prefixes such as ``"model"`` or ``"train.prediction"``); other fields (number of
+    steps, sampling runs) may change between invocations so a run can be extended or resampled.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("experiment") != config.get("experiment"):
+        raise ConfigError(f"workdir {workdir} holds a run of the {saved.get('experiment')!r} experiment, not "
+                          f"{config.get('experiment')!r}; choose another --workdir")
+    previous, current = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+    keys = sorted(k for k in set(previous) | set(current)
+                  if any(k == p or k.startswith(p + ".") for p in identity_fields))
+    differing = [k for k in keys if previous.get(k) != current.get(k)]
+    if differing:
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
+        raise ConfigError(f"workdir {workdir} holds a run of a different config ({details}); "
+                          "choose another --workdir or remove that one")
+    return True
+
+
+def prepare_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) -> None:
+    """Create ``workdir`` and record ``config`` there (process 0); refuse a workdir of another run."""
+    check_workdir(workdir, config, identity_fields)
+    if is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        write_json(os.path.join(workdir, CONFIG_FILE), config)
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints", stage)
+
+
+def read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def _optimizer_options(train_cfg) -> dict:
+    return {"learning_rate": train_cfg.learning_rate, "num_steps": train_cfg.num_steps,
+            "warmup_steps": train_cfg.warmup_steps, "schedule": train_cfg.schedule}
+
+
+def make_stage_state(stage: Stage, sde: VPSDE, mesh):
+    """(fresh train state replicated on ``mesh``, jitted train step) of ``stage``."""
+    t = stage.train
+    optimizer = make_optimizer(**_optimizer_options(t), grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
+    state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
+    step_fn = make_train_step(sde, optimizer, prediction=t.prediction, ema_decay=t.ema_decay, t_min=t.t_min,
+                              mesh=mesh)
+    return state, step_fn
+
+
+def train_step_memory_bytes(step_fn, state, batch) -> int | None:
+    """Peak memory of one compiled training step as XLA plans it (arguments, outputs, temporaries)."""
+    try:
+        stats = step_fn.lower(state, batch).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 -- a backend without memory analysis
+        return None
+    if stats is None:
+        return None
+    peak = getattr(stats, "peak_memory_in_bytes", 0)
+    return int(peak or (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+                        - stats.alias_size_in_bytes))
+
+
+class TrainLog:
+    """Process 0's training log: ``train_log.jsonl`` (appended across resumes) and TensorBoard
+    event files under ``tensorboard/<stage>`` of the workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.enabled = is_main_process()
+        self._writers = {}
+
+    def write(self, stage: str, row: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": stage, **row, "time": time.time()}
+        with open(os.path.join(self.workdir, TRAIN_LOG_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._writer(stage)
+        if writer is not None:
+            for name in ("loss", "grad_norm", "learning_rate", "steps_per_second"):
+                if row.get(name) is not None:
+                    writer.add_scalar(f"train/{name}", row[name], row["step"])
+            writer.flush()
+
+    def _writer(self, stage: str):
+        if stage not in self._writers:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # the JSON log is complete without it
+                self._writers[stage] = None
+            else:
+                self._writers[stage] = SummaryWriter(os.path.join(self.workdir, "tensorboard", stage))
+        return self._writers[stage]
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            if writer is not None:
+                writer.close()
+        self._writers.clear()
+
+
+def read_train_log(workdir: str) -> list[dict]:
+    """The rows of ``train_log.jsonl`` (empty when there is none)."""
+    path = os.path.join(workdir, TRAIN_LOG_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, log: TrainLog,
+                progress: bool = True, measure_memory: bool = False):
+    """Train ``stage`` from its newest checkpoint to ``stage.train.num_steps``. Returns ``(state, info)``;
+    with ``measure_memory`` (and a ``stage.probe_batch``) ``info`` has the step's planned memory."""
+    state, step_fn = make_stage_state(stage, sde, mesh)
+    rows = process_rows(mesh, stage.train.batch_size)
+    schedule = learning_rate_schedule(**_optimizer_options(stage.train))
+
+    def batch_fn(step):
+        return shard_batch(stage.batch(step, rows), mesh)
+
+    t = stage.train
+    with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
+                      max_to_keep=t.keep_checkpoints, config=config) as checkpointer:
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state = restored
+            say(f"[{stage.name}] resuming from checkpoint at step {int(state.step)}")
+        memory = None
+        if measure_memory and stage.probe_batch is not None:
+            memory = train_step_memory_bytes(step_fn, state, shard_batch(stage.probe_batch(rows), mesh))
+        start = time.perf_counter()
+        state, history = fit(state, step_fn=step_fn, batch_fn=batch_fn, num_steps=t.num_steps,
+                             checkpointer=checkpointer, log_every=t.log_every, description=f"train {stage.name}",
+                             progress=progress, learning_rate_fn=schedule,
+                             on_log=lambda row: log.write(stage.name, row))
+        seconds = time.perf_counter() - start
+    return state, {"steps": int(state.step), "seconds_this_invocation": seconds, "history": history,
+                   "step_memory_bytes": memory}
+
+
+def restore_stage(stage: Stage, sde: VPSDE, mesh, workdir: str):
+    """The newest checkpointed train state of ``stage``; :class:`ConfigError` when there is none."""
+    state, _ = make_stage_state(stage, sde, mesh)
+    t = stage.train
+    with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
+                      max_to_keep=t.keep_checkpoints) as checkpointer:
+        restored = checkpointer.restore(state)
+    if restored is None:
+        raise ConfigError(f"no checkpoint of stage {stage.name!r} in {workdir}; run with --mode=train first")
+    return restored
+
+
+def restore_models(experiment: Experiment, stages, mesh, workdir: str) -> dict:
+    """``stage name -> EMA model`` restored from ``workdir``'s newest checkpoints."""
+    return {stage.name: restore_stage(stage, experiment.sde, mesh, workdir).ema_model for stage in stages}
+
+
+def _record_training(workdir: str, name: str, info: dict) -> dict:
+    """Add one invocation's training of stage ``name`` to ``train_info.json`` (process 0)."""
+    path = os.path.join(workdir, TRAIN_INFO_FILE)
+    table = read_json(path)
+    row = table.get(name, {"seconds": 0.0})
+    row["seconds"] = row.get("seconds", 0.0) + info["seconds_this_invocation"]
+    row["steps"] = info["steps"]
+    if info["history"]:
+        row["final_loss"] = info["history"][-1]["loss"]
+    if info.get("step_memory_bytes") is not None:
+        row["step_memory_bytes"] = info["step_memory_bytes"]
+    table[name] = row
+    if is_main_process():
+        write_json(path, table)
+    return table
+
+
+def train(experiment: Experiment, stages, mesh, workdir: str) -> dict:
+    """Train every stage in order; returns ``stage name -> EMA model``."""
+    models, log = {}, TrainLog(workdir)
+    recorded = read_json(os.path.join(workdir, TRAIN_INFO_FILE))
+    try:
+        for stage in stages:
+            state, info = train_stage(stage, experiment.sde, mesh, workdir, config=experiment.cfg.to_dict(),
+                                      log=log, progress=experiment.progress,
+                                      measure_memory="step_memory_bytes" not in recorded.get(stage.name, {}))
+            _record_training(workdir, stage.name, info)
+            models[stage.name] = state.ema_model
+    finally:
+        log.close()
+    if is_main_process():
+        from fpcd.plots.common import loss_curves
+
+        loss_curves(read_train_log(workdir), os.path.join(workdir, "loss_curves.png"))
+    return models
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+
+def warmup_options(method: str, options: dict) -> dict:
+    """Options compiling the same sampler as ``options`` but running almost no steps."""
+    if method == "ode":
+        return {**options, "rtol": 0.5, "atol": 0.5}
+    return {**options, "steps": 1}
+
+
+def batch_rows(index: int, batch_size: int, num_samples: int) -> np.ndarray:
+    """Rows of batch ``index``: ``index * batch_size + arange(batch_size)`` modulo ``num_samples``
+    (the last batch wraps around; its extra rows are dropped)."""
+    return np.arange(index * batch_size, (index + 1) * batch_size) % num_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSampler:
+    """Draws the samples of one stage in batches with one sampler run, timed (compilation excluded).
+
+    Attributes:
+      sde: the VP SDE.
+      mesh: the device mesh; a batch whose size divides by its size is sampled data-parallel over
+        every device (of every process) and gathered to every process.
+      progress: show a progress bar.
+      sample_fn: :func:`fpcd.sampling.sample` or a function with its signature (e.g. a baseline);
+        only :func:`~fpcd.sampling.sample` is given a sharding.
+    """
+
+    sde: VPSDE
+    mesh: Any = None
+    progress: bool = True
+    sample_fn: Callable = sample
+
+    def __call__(self, make_score_fn: Callable, key, *, num_samples: int, batch_size: int, sample_shape: tuple,
+                 run: dict, description: str, conditions=None, mask=None):
+        """Sample ``num_samples`` in batches of ``batch_size``.
+
+        Args:
+          make_score_fn: ``(cond, mask) -> score_fn`` for one batch (``cond``, ``mask``: the batch's
+            rows of ``conditions`` and ``mask`` on the devices, or None).
+          key: batch ``i`` draws with ``fold_in(key, i)``.
+          sample_shape: shape of one sample, e.g. ``(D,)`` or ``(N, D)``.
+          run: ``{"method": ..., **options}``.
+          conditions: host array ``(num_samples, C)`` or None.
+          mask: host array ``(num_samples, N)`` (1 = real) or None.
+
+        Returns:
+          ``(samples (num_samples, ...), nfe, seconds)``: ``nfe`` is the largest per-batch NFE and
+          ``seconds`` the sampling wall time of all batches.
+        """
+        options = dict(run)
+        method = options.pop("method")
+        num_batches = -(-num_samples // batch_size)
+        shape = (batch_size,) + tuple(sample_shape)
+        devices = 1 if self.mesh is None else self.mesh.devices.size
+        sharding = (batch_sharding(self.mesh) if self.sample_fn is sample and devices > 1
+                    and batch_size % devices == 0 else None)
+
+        def place(array, rows):
+            if array is None:
+                return None
+            return jnp.asarray(array[rows]) if sharding is None else place_rows(array[rows], sharding)
+
+        def draw(index, opts, k):
+            rows = batch_rows(index, batch_size, num_samples)
+            cond_b, mask_b = place(conditions, rows), place(mask, rows)
+            extra = {} if sharding is None else {"sharding": sharding}
+            x, nfe = self.sample_fn(make_score_fn(cond_b, mask_b), self.sde, k, shape, method=method, mask=mask_b,
+                                    **extra, **opts)
+            return jax.block_until_ready(x), nfe
+
+        draw(0, warmup_options(method, options), jax.random.fold_in(key, 10**6))  # compile
+        outputs, nfes = [], []
+        start = time.perf_counter()
+        for index in tqdm(range(num_batches), desc=description, disable=not self.progress, dynamic_ncols=True,
+                          leave=False):
+            x, nfe = draw(index, options, jax.random.fold_in(key, index))
+            outputs.append(to_host(x))
+            nfes.append(int(nfe))
+        seconds = time.perf_counter() - start
+        return np.concatenate(outputs)[:num_samples], max(nfes), seconds
+
+
+def run_key(sampling_key, groups: tuple[str, ...], group_index: int, run_index: int):
+    """Key of run ``run_index`` of group ``group_index``: ``fold_in(fold_in(k, group), run)``, or
+    ``fold_in(k, run)`` when the experiment has one unnamed group."""
+    if groups == ("",):
+        return jax.random.fold_in(sampling_key, run_index)
+    return jax.random.fold_in(jax.random.fold_in(sampling_key, group_index), run_index)
+
+
+def generate_all(experiment: Experiment, data, models: dict, mesh, *, sample_fn: Callable = sample,
+                 runs: dict | None = None) -> dict:
+    """Every sampler run of ``runs`` (default ``config.sampling.runs``) for every sample group:
+    ``group -> run name -> RunSamples``."""
+    runs = dict(experiment.cfg.sampling.runs if runs is None else runs)
+    groups = experiment.sample_groups(data)
+    sampler = BatchSampler(experiment.sde, mesh, experiment.progress, sample_fn)
+    samples = {}
+    for g_index, group in enumerate(groups):
+        samples[group] = {}
+        for r_index, (name, run_cfg) in enumerate(runs.items()):
+            run = dict(run_cfg)
+            start = time.perf_counter()
+            arrays, info = experiment.generate(data, models, group, run,
+                                               run_key(experiment.key("sampling"), groups, g_index, r_index), sampler)
+            label = f"{group} {name}" if group else name
+            say(f"[sample] {label}: NFE {info['nfe']}, {info['seconds']:.2f} s sampling, "
+                f"{time.perf_counter() - start:.1f} s with compilation")
+            samples[group][name] = RunSamples(arrays, info, run)
+    return samples
+
+
+def write_samples(path: str, runs: dict, attrs: dict | None = None) -> None:
+    """Write ``run name -> RunSamples`` to ``path`` (process 0): arrays under ``runs/<name>/``
+    (with ``options`` and ``info`` as JSON attributes), the first run's also at the top level."""
+    if not is_main_process():
+        return
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            for i, (name, r) in enumerate(runs.items()):
+                groups = [f.require_group(f"runs/{name}")] + ([f] if i == 0 else [])
+                for g in groups:
+                    for key, array in r.arrays.items():
+                        array = np.asarray(array)
+                        g.create_dataset(key, data=array, compression="gzip" if array.ndim >= 2 else None)
+                f[f"runs/{name}"].attrs["options"] = json.dumps(r.run)
+                f[f"runs/{name}"].attrs["info"] = json.dumps(r.info)
+            f.attrs["run"] = next(iter(runs))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+
+    atomic_write(path, write)
+
+
+def read_samples(path: str) -> dict:
+    """Inverse of :func:`write_samples`: ``run name -> RunSamples``."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist; run with --mode=sample first")
+    with h5py.File(path, "r") as f:
+        return {name: RunSamples({key: d[()] for key, d in g.items()}, json.loads(g.attrs["info"]),
+                                 json.loads(g.attrs["options"]))
+                for name, g in f["runs"].items()}
+
+
+# --- the whole job ---------------------------------------------------------------------------------
+
+
+def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) -> dict | None:
+    """Run ``mode`` (``train``, ``sample``, ``eval`` or ``all``) of ``experiment`` in ``workdir``.
+
+    Returns the metrics (``eval`` and ``all``) or None. Raises :class:`ConfigError` for a bad
+    config, a workdir of another run, or a mode that needs a run the workdir does not hold.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"--mode={mode!r} is not one of {MODES}")
+    cfg = experiment.cfg
+    experiment.validate(mesh.devices.size)
+    config = cfg.to_dict()
+    if mode in ("sample", "eval") and not check_workdir(workdir, config, experiment.IDENTITY_FIELDS):
+        raise ConfigError(f"workdir {workdir} holds no run; run with --mode=train (or all) first")
+    data = experiment.load_data()
+    prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
+    stages = experiment.stages(data)
+    models = None
+    if mode in ("train", "all"):
+        models = train(experiment, stages, mesh, workdir)
+        if mode == "train":
+            return None
+    if models is None:
+        models = restore_models(experiment, stages, mesh, workdir)
+    groups = experiment.sample_groups(data)
+    if mode in ("sample", "all"):
+        samples = generate_all(experiment, data, models, mesh)
+        for group in groups:
+            write_samples(os.path.join(workdir, experiment.samples_file(group)), samples[group],
+                          experiment.samples_attrs(group))
+        if mode == "sample":
+            return None
+    else:
+        samples = {group: read_samples(os.path.join(workdir, experiment.samples_file(group))) for group in groups}
+    metrics = experiment.evaluate(data, samples, models, figures_dir=workdir if is_main_process() else None)
+    train_info = read_json(os.path.join(workdir, TRAIN_INFO_FILE))
+    if train_info:
+        metrics["train"] = train_info
+    if is_main_process():
+        write_json(os.path.join(workdir, METRICS_FILE), metrics)
+    say(f"results in {os.path.abspath(workdir)}")
+    say(experiment.format_results(metrics))
+    return metrics

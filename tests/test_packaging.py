@@ -1,0 +1,60 @@
+"""pyproject.toml: the package builds offline and `import fpcd` works from an installed copy, anywhere."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUTS = {"build", "dist", "workdirs", "runs"}  # never part of a source tree to install
+
+
+def _python_files(root):
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+            if f.endswith(".py")}
+
+
+def test_installed_copy_imports_from_another_directory_without_the_repository(tmp_path):
+    # Build from a copy of the source tree, so that setuptools' build/ and fpcd.egg-info stay out of the repository.
+    src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    for name in os.listdir(REPO):
+        path = os.path.join(REPO, name)
+        if name.startswith(".") or name in OUTPUTS or name.endswith(".egg-info"):
+            continue
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        else:
+            shutil.copy2(path, src / name)
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    env.pop("PYTHONPATH", None)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--check-build-dependencies",
+         "--no-index", "--no-cache-dir", "--target", str(site), str(src)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert install.returncode == 0, ("building needs setuptools>=70.1 in this environment (pinned in "
+                                     "requirements.txt)\n" + install.stdout[-3000:] + install.stderr[-3000:])
+
+    installed = sorted(os.listdir(site))
+    assert installed[0] == "fpcd" and installed[1].startswith("fpcd-") and installed[1].endswith(".dist-info")
+    assert len(installed) == 2, installed  # no experiments/, tests/ or benchmarks/
+    assert _python_files(site / "fpcd") == _python_files(src / "fpcd")  # every module, namespace packages too
+
+    probe = (
+        "import importlib.metadata, json, sys\n"
+        "import fpcd, fpcd.sampling\n"
+        "print(json.dumps({'file': fpcd.__file__, 'sampling': fpcd.sampling.__file__, 'path': sys.path,\n"
+        "                  'version': fpcd.__version__, 'dist': importlib.metadata.version('fpcd')}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=elsewhere,
+                         env=dict(env, PYTHONPATH=str(site), JAX_PLATFORMS="cpu"), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    repo = os.path.realpath(REPO)
+    assert not [p for p in found["path"] if os.path.realpath(p or str(elsewhere)) == repo], found["path"]
+    for module in ("file", "sampling"):
+        assert os.path.realpath(found[module]).startswith(os.path.realpath(site) + os.sep), found
+    assert found["dist"] == found["version"]  # the version comes from fpcd.__version__
