@@ -11,7 +11,8 @@ Runs `python experiments/main.py <main.py flags>` data-parallel over all acceler
 
   --local              run here (default); every local device is used.
   --processes N        with --local: start N processes on this machine joined by jax.distributed
-                       (coordinator on 127.0.0.1, a free port; CPU collectives over gloo), each
+                       (coordinator on 127.0.0.1, a free port; CPU collectives over gloo; on a GPU
+                       machine process i sees GPU i), each
                        feeding its own share of every batch, exactly as the N nodes of a cluster
                        job would. Only process 0 writes files and prints; if one process fails,
                        the others are stopped. Try a cluster job this way before submitting it:
@@ -63,8 +64,10 @@ case "$mode" in
     port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     pids=()
     for ((i = 0; i < processes; i++)); do
-      JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
-        python "$repo/experiments/main.py" "${main_args[@]+"${main_args[@]}"}" &
+      # On a GPU machine process i gets GPU i (unless CUDA_VISIBLE_DEVICES is already set).
+      if [ -z "${CUDA_VISIBLE_DEVICES+x}" ] && command -v nvidia-smi >/dev/null; then gpu=(CUDA_VISIBLE_DEVICES="$i"); else gpu=(); fi
+      env "${gpu[@]+"${gpu[@]}"}" JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$processes" \
+        JAX_PROCESS_ID="$i" python "$repo/experiments/main.py" "${main_args[@]+"${main_args[@]}"}" &
       pids+=("$!")
     done
     trap 'kill "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM

@@ -46,6 +46,8 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=experiments/gmm.py")
     maybe_initialize_distributed()  # before any other JAX call
 
+    import jax
+
     from fpcd.parallel import data_mesh
     from fpcd.runner import train_and_evaluate
 
@@ -62,7 +64,8 @@ def main(argv):
     try:
         train_and_evaluate(experiment, workdir, _MODE.value, data_mesh())
     except (ConfigError, CaloDataError, JetDataError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)  # an expected error: no traceback
+        if jax.process_index() == 0:  # an expected error: one message, no traceback
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -152,9 +152,12 @@ def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None
     require_int(cfg, f"{s}.keep_checkpoints")
 
 
-def validate_sampling(cfg) -> None:
+def validate_sampling(cfg, *, num_devices: int = 1) -> None:
     require_int(cfg, "sampling.num_samples")
-    require_int(cfg, "sampling.batch_size")
+    batch_size = require_int(cfg, "sampling.batch_size")
+    if batch_size % num_devices:
+        raise ConfigError(f"config.sampling.batch_size ({batch_size}) must be a multiple of the number of devices "
+                          f"({num_devices}), so that sampling runs data-parallel")
     runs = get_field(cfg, "sampling.runs")
     if not runs:
         raise ConfigError("config.sampling.runs is empty: name at least one sampler run")
@@ -194,4 +197,4 @@ def validate_common(cfg, *, num_devices: int = 1, train_sections: tuple[str, ...
     validate_sde(cfg)
     for section in train_sections:
         validate_train(cfg, num_devices=num_devices, section=section)
-    validate_sampling(cfg)
+    validate_sampling(cfg, num_devices=num_devices)

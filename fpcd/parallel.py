@@ -58,14 +58,15 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh):
-    """Place every array leaf of ``tree`` on every device of ``mesh`` (non-arrays pass through).
+    """Copy every array leaf of ``tree`` to every device of ``mesh`` (non-arrays pass through).
 
-    In a multi-process job every process must pass the same values; each fills its own devices.
+    The result never shares buffers with ``tree``. In a multi-process job every process must pass
+    the same values; each fills its own devices.
     """
     sharding = replicated_sharding(mesh)
     arrays, static = eqx.partition(tree, eqx.is_array)
-    if jax.process_count() == 1:
-        return eqx.combine(jax.device_put(arrays, sharding), static)
+    if jax.process_count() == 1:  # fresh buffers, so that donating the result leaves ``tree`` intact
+        return eqx.combine(jax.device_put(arrays, sharding, may_alias=False), static)
 
     def put(leaf):
         host = np.asarray(leaf)

@@ -185,11 +185,31 @@ class Experiment(abc.ABC):
 
 
 def process_rows(mesh, batch_size: int) -> slice:
-    """The rows of a ``(batch_size, ...)`` batch sharded over ``mesh`` that this process feeds."""
+    """The rows of a ``(batch_size, ...)`` batch sharded over ``mesh`` that this process feeds.
+
+    Raises ValueError when this process's devices do not hold one contiguous block of rows (a
+    mesh whose device order interleaves processes).
+    """
     indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
     starts = [index[0].start or 0 for index in indices.values()]
     stops = [batch_size if index[0].stop is None else index[0].stop for index in indices.values()]
-    return slice(min(starts), max(stops))
+    rows = slice(min(starts), max(stops))
+    expected = batch_size * len(indices) // mesh.devices.size
+    if rows.stop - rows.start != expected:
+        raise ValueError(f"process {jax.process_index()}'s devices hold rows {sorted(zip(starts, stops))} of a batch "
+                         f"of {batch_size}, not one contiguous block of {expected}: order the mesh's devices by "
+                         "process")
+    return rows
+
+
+def main_process_first(make: Callable):
+    """``make()`` on process 0, then (after a barrier) on the other processes: for work that fills a
+    cache on disk, so that process 0 alone writes it and the others read it."""
+    if jax.process_count() == 1:
+        return make()
+    result = make() if is_main_process() else None
+    multihost_utils.sync_global_devices("fpcd.runner.main_process_first")
+    return result if is_main_process() else make()
 
 
 def to_host(x) -> np.ndarray:
@@ -287,9 +307,10 @@ def make_stage_state(stage: Stage, sde: VPSDE, mesh):
 
 def train_step_memory_bytes(step_fn, state, batch) -> int | None:
     """Peak memory of one compiled training step as XLA plans it (arguments, outputs, temporaries)."""
+    compiled = step_fn.lower(state, batch).compile().compiled  # Equinox's Compiled wraps JAX's
     try:
-        stats = step_fn.lower(state, batch).compile().memory_analysis()
-    except Exception:  # noqa: BLE001 -- a backend without memory analysis
+        stats = compiled.memory_analysis()
+    except NotImplementedError:  # a backend without memory analysis
         return None
     if stats is None:
         return None
@@ -306,6 +327,19 @@ class TrainLog:
         self.workdir = workdir
         self.enabled = is_main_process()
         self._writers = {}
+        self._resumed_at = {}
+
+    def resume(self, stage: str, step: int) -> None:
+        """Drop ``stage``'s rows after ``step`` (logged by a run killed before its next checkpoint, which
+        the resumed run repeats) from ``train_log.jsonl``, and the same steps from TensorBoard."""
+        self._resumed_at[stage] = step
+        if not self.enabled:
+            return
+        path = os.path.join(self.workdir, TRAIN_LOG_FILE)
+        rows = read_train_log(self.workdir)
+        kept = [r for r in rows if r["stage"] != stage or r["step"] <= step]
+        if len(kept) != len(rows):
+            atomic_write(path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in kept))
 
     def write(self, stage: str, row: dict) -> None:
         if not self.enabled:
@@ -327,7 +361,9 @@ class TrainLog:
             except ImportError:  # the JSON log is complete without it
                 self._writers[stage] = None
             else:
-                self._writers[stage] = SummaryWriter(os.path.join(self.workdir, "tensorboard", stage))
+                resumed = self._resumed_at.get(stage)
+                self._writers[stage] = SummaryWriter(os.path.join(self.workdir, "tensorboard", stage),
+                                                     purge_step=None if not resumed else resumed + 1)
         return self._writers[stage]
 
     def close(self) -> None:
@@ -364,6 +400,7 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
         if restored is not None:
             state = restored
             say(f"[{stage.name}] resuming from checkpoint at step {int(state.step)}")
+        log.resume(stage.name, int(state.step))
         memory = None
         if measure_memory and stage.probe_batch is not None:
             memory = train_step_memory_bytes(step_fn, state, shard_batch(stage.probe_batch(rows), mesh))

@@ -224,9 +224,8 @@ def _cfg(**overrides):
 @pytest.mark.parametrize("overrides, message", [
     ({"representation": "voxels"}, "representation"),
     ({"data.momentum_range": (10.0, 1.0)}, "momentum_range"),
-    ({"data.buckets": "32,64"}, "data.buckets must be a tuple"),
     ({"data.buckets": (32, 0)}, "data.buckets"),
-    ({"data.momentum_range": 30.0}, "momentum_range.*pair"),
+    ({"data.momentum_range": (1.0, 50.0, 100.0)}, "momentum_range.*pair"),
     ({"data.dequantisation": 1.5}, "data.dequantisation"),
     ({"cell_model.num_heads": 3}, "divisible"),
     ({"image_model.channels": (8, -16)}, "image_model.channels"),
@@ -235,6 +234,13 @@ def _cfg(**overrides):
 def test_bad_config_values_raise(overrides, message):
     with pytest.raises(ConfigError, match=message):
         CaloExperiment(_cfg(**overrides), progress=False).validate(1)
+
+
+def test_a_scalar_range_on_the_command_line_gives_one_clear_message(tmp_path):
+    proc = _main(tmp_path / "work", "tiny", "--config.data.momentum_range=30", "--mode=train")
+    assert proc.returncode == 1
+    assert "config.data.momentum_range" in proc.stderr and "pair (min, max)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "work").exists()
 
 
 def test_calochallenge_file_and_nan_file_are_refused(tmp_path):

@@ -128,7 +128,6 @@ def test_unreadable_data_file_gives_one_clear_error(tmp_path):
     "field,value,match",
     [
         ("data.jet_types", ("q", "b"), "unknown or repeated jet type"),
-        ("data.jet_types", "q,t", "must be a tuple of strings"),
         ("data.num_particles", 50, "30 or 150"),
         ("particle_model.num_heads", 3, "divisible"),
         ("train_jet.learning_rate", 0.0, "config.train_jet.learning_rate"),

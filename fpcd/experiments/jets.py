@@ -28,7 +28,7 @@ from fpcd.metrics import jets as jet_metrics
 from fpcd.nets import ResMLP, SetTransformer, score_fn_from
 from fpcd.plots.common import nfe_vs_w1
 from fpcd.plots.jets import compare
-from fpcd.runner import Experiment, Stage
+from fpcd.runner import Experiment, Stage, main_process_first
 from fpcd.train import batch_indices
 
 NUM_JET_FEATURES = 4
@@ -142,8 +142,8 @@ class JetsExperiment(Experiment):
                                workers=cfg.data.workers or None, progress=self.progress)
 
     def load_data(self) -> PreparedData:
-        try:
-            jets = {jet_type: self.load_jets(jet_type) for jet_type in self.types}
+        try:  # process 0 generates and caches, the others then read the cache
+            jets = main_process_first(lambda: {jet_type: self.load_jets(jet_type) for jet_type in self.types})
         except JetDataError as err:
             raise ConfigError(str(err)) from None
         data = PreparedData(self.types, jets, self.cfg.data.test_fraction)
