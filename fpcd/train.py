@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
 from fpcd.nets import PREDICTIONS, apply_batched
+from fpcd.parallel import DATA_AXIS
 from fpcd.sde import VPSDE, broadcast_time, expand_mask
 
 
@@ -99,6 +101,34 @@ def antithetic_times(key, batch_size: int, t_min: float):
     return t_min + (1.0 - t_min) * jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
 
 
+def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
+              rows=None):
+    """``(sum of squared errors over real entries, number of real entries)`` of :func:`dsm_loss`.
+
+    With ``rows = (offset, global_batch)``, ``x`` holds rows ``offset : offset + len(x)`` of a batch
+    of ``global_batch`` rows, and the diffusion times and noise are those rows of the global
+    batch's draws: the terms of every shard sum to the terms of the whole batch.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    k_t, k_eps = jax.random.split(key)
+    m = jnp.ones_like(x) if mask is None else expand_mask(mask, x)
+    if rows is None:
+        t = antithetic_times(k_t, x.shape[0], t_min)
+        eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
+    else:
+        offset, global_batch = rows
+        t = jax.lax.dynamic_slice_in_dim(antithetic_times(k_t, global_batch, t_min), offset, x.shape[0])
+        noise = jax.random.normal(k_eps, (global_batch,) + x.shape[1:], x.dtype)
+        eps = jax.lax.dynamic_slice_in_dim(noise, offset, x.shape[0]) * m
+    alpha, sigma = sde.marginal(broadcast_time(t, x))
+    x = x * m
+    x_t = alpha * x + sigma * eps
+    output = apply_batched(model, x_t, t, mask=mask, cond=cond)
+    target = eps if prediction == "eps" else alpha * eps - sigma * x
+    return jnp.sum(m * (output - target) ** 2), jnp.sum(m)
+
+
 def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5):
     """Denoising score-matching loss of a noise- or v-prediction network, averaged over real entries.
 
@@ -109,18 +139,40 @@ def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str
     Args:
       x: clean data ``(B, ...)``; mask: ``(B, N)`` or broadcastable; cond: ``(B, C)`` or None.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    k_t, k_eps = jax.random.split(key)
-    t = antithetic_times(k_t, x.shape[0], t_min)
-    m = jnp.ones_like(x) if mask is None else expand_mask(mask, x)
-    eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
-    alpha, sigma = sde.marginal(broadcast_time(t, x))
-    x = x * m
-    x_t = alpha * x + sigma * eps
-    output = apply_batched(model, x_t, t, mask=mask, cond=cond)
-    target = eps if prediction == "eps" else alpha * eps - sigma * x
-    return jnp.sum(m * (output - target) ** 2) / jnp.maximum(jnp.sum(m), 1.0)
+    total, count = dsm_terms(model, sde, x, key, mask=mask, cond=cond, prediction=prediction, t_min=t_min)
+    return total / jnp.maximum(count, 1.0)
+
+
+def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float):
+    """``(loss, grads)`` of :func:`dsm_loss` over a batch sharded along ``mesh``'s ``"data"`` axis.
+
+    Each device differentiates the terms of its own rows (:func:`dsm_terms`), then one all-reduce
+    sums every gradient, flattened into one vector, with the loss terms. XLA's own partitioning
+    of :func:`dsm_loss` all-reduces each parameter's gradient separately, which costs a round trip
+    per parameter array: ~20x slower per step over gloo between processes on CPU.
+    """
+    dynamic, static = eqx.partition(model, eqx.is_array)
+    key_data = jax.random.key_data(key)
+    spec = jax.sharding.PartitionSpec(DATA_AXIS)
+
+    def per_device(dynamic, batch, key_data):
+        size = batch["x"].shape[0]
+        rows = (jax.lax.axis_index(DATA_AXIS) * size, size * jax.lax.psum(1, DATA_AXIS))
+
+        def terms(model):
+            return dsm_terms(model, sde, batch["x"], jax.random.wrap_key_data(key_data), mask=batch.get("mask"),
+                             cond=batch.get("cond"), prediction=prediction, t_min=t_min, rows=rows)
+
+        (total, count), grads = eqx.filter_value_and_grad(terms, has_aux=True)(eqx.combine(dynamic, static))
+        flat, unravel = ravel_pytree(grads)
+        summed = jax.lax.psum(jnp.concatenate([flat, jnp.stack([total, count])]), DATA_AXIS)
+        count = jnp.maximum(summed[-1], 1.0)
+        return summed[-2] / count, unravel(summed[:-2] / count)
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated, jax.tree_util.tree_map(lambda _: spec, batch),
+                                                          replicated),
+                         out_specs=replicated, check_vma=False)(dynamic, batch, key_data)
 
 
 def ema_update(ema_model, model, decay: float):
@@ -142,8 +194,10 @@ def make_train_step(
 ):
     """Build the jitted pure step ``(state, batch) -> (state, metrics)``.
 
-    ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With ``mesh``, the
-    new state is constrained to be replicated over it (the batch arrives sharded along ``"data"``).
+    ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With a ``mesh`` of
+    several devices the batch arrives sharded along ``"data"``, each device differentiates its own
+    rows and one all-reduce sums the gradients (:func:`sharded_loss_and_grads`); the new state is
+    replicated over the mesh.
     ``metrics`` holds the scalar ``loss`` (mean over the global batch) and ``grad_norm``.
     The input state's buffers are donated (reused for the new state): do not use a state after
     passing it in. The batch is not donated. ``step.lower(state, batch)`` lowers it (e.g. for
@@ -160,7 +214,11 @@ def make_train_step(
                 prediction=prediction, t_min=t_min,
             )
 
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
+        if mesh is None or mesh.devices.size == 1:
+            loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
+        else:
+            loss, grads = sharded_loss_and_grads(state.model, sde, batch, key, mesh, prediction=prediction,
+                                                 t_min=t_min)
         params = eqx.filter(state.model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         model = eqx.apply_updates(state.model, updates)

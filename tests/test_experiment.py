@@ -113,6 +113,8 @@ def test_trained_model_beats_the_prior_and_its_likelihood_is_close_to_the_exact_
 
 
 def test_two_processes_train_and_sample_like_one_process_with_two_devices(tiny_run, two_process_run):
+    """Both run the same sharded programs over two devices; measured bit-identical (losses, gradient
+    norms, parameters, sample W1), so rtol 1e-4 leaves room only for a different XLA build."""
     one_workdir, _ = tiny_run
     two_workdir, proc = two_process_run
     one, two = _log_rows(one_workdir), _log_rows(two_workdir)
@@ -128,8 +130,8 @@ def test_two_processes_train_and_sample_like_one_process_with_two_devices(tiny_r
         for name in f1["runs"]:
             assert f2[f"runs/{name}/samples"].shape == f1[f"runs/{name}/samples"].shape
     for name, row in metrics_two["runs"].items():  # the same trained model, sampled the same way
-        assert row["nfe"] == metrics_one["runs"][name]["nfe"] or row["method"] == "ode"
-        np.testing.assert_allclose(row["w1_mean"], metrics_one["runs"][name]["w1_mean"], rtol=0.05)
+        assert row["nfe"] == metrics_one["runs"][name]["nfe"]
+        np.testing.assert_allclose(row["w1_mean"], metrics_one["runs"][name]["w1_mean"], rtol=1e-6)
     # One set of outputs, written and printed once.
     assert proc.stdout.count("results in") == 1
     assert len(list((two_workdir / "tensorboard" / "score").iterdir())) == 1
