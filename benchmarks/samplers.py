@@ -3,9 +3,9 @@
     python benchmarks/samplers.py                 # CPU-sized defaults
     python benchmarks/samplers.py --width=128 --depth=4 --batch=256   # the CPU budget example
 
-(a) For each fixed-step sampler (em, pc, ddim): wall time per NFE divided by the time of one bare
-    jitted batched forward pass of the same network on the same batch (goal <= 1.10: the sampler
-    adds little beyond its network calls).
+(a) For each fixed-step sampler (em, pc, ddim, dpmpp_2m, heun): wall time per NFE divided by the
+    time of one bare jitted batched forward pass of the same network on the same batch (goal
+    <= 1.10: the sampler adds little beyond its network calls).
 (b) The probability-flow ODE with diffrax Dopri5 (one compiled solve) against scipy's
     ``solve_ivp(method="RK45")`` calling the same jitted vector field from the host, at
     rtol = atol = 1e-3 and 1e-5: NFE of each and the wall-time ratio (goal: NFE within 10%,
@@ -81,7 +81,7 @@ def main():
           f"{args.width} depth {args.depth}, batch {shape}")
     # Interleave the forward and sampler timings over rounds so that slow phases of a shared
     # machine hit both alike; keep the best of each.
-    methods = [("em", {}), ("pc", {"snr": 0.16}), ("ddim", {})]
+    methods = [("em", {}), ("pc", {"snr": 0.16}), ("ddim", {}), ("dpmpp_2m", {}), ("heun", {})]
     runs = {m: (lambda m=m, o=o: sample(score_fn, sde, jax.random.key(3), shape, method=m, mask=mask,
                                         steps=args.steps, **o)) for m, o in methods}
     nfes = {m: run()[1] for m, run in runs.items()}

@@ -175,7 +175,7 @@ def validate_sampling(cfg, *, num_devices: int = 1) -> None:
         check_run_name(name, method, run)
 
 
-RUN_NAME = re.compile(r"^([a-z0-9]+)_(\d+)$")
+RUN_NAME = re.compile(r"^([a-z0-9_]+)_(\d+)$")  # the method may hold "_": dpmpp_2m_20
 
 
 def check_run_name(name: str, method: str, options: dict) -> None:

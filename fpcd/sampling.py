@@ -13,6 +13,13 @@ Methods (``opts`` in brackets, defaults after ``=``):
   NFE = ``steps * (1 + corrector_steps)``.
 * ``"ddim"`` DDIM [``steps=100``, ``eta=0.0``, ``t_min=1e-3``]; ``eta=0`` is deterministic,
   ``eta=1`` is ancestral (DDPM-like); NFE = ``steps``.
+* ``"dpmpp_2m"`` DPM-Solver++(2M) on the probability-flow ODE [``steps=20``, ``t_min=1e-3``];
+  NFE = ``steps``. Multistep second order in data prediction (Lu et al. 2022, Algorithm 2) on a grid
+  uniform in ``lambda = log(alpha_t / sigma_t)``; first order at the first step and, for
+  ``steps < 15``, at the last (diffusers' ``lower_order_final``). See :func:`dpmpp_2m_step`.
+* ``"heun"`` Heun's second-order method on the probability-flow ODE (Karras et al. 2022,
+  Algorithm 1 with ``S_churn = 0``) on the EDM grid with ``rho`` [``steps=18``, ``rho=7.0``,
+  ``t_min=1e-3``]; Euler on the last step, so NFE = ``2 * steps - 1``. See :func:`heun_grid`.
 * ``"ode"``  probability-flow ODE with diffrax ``Dopri5`` and a PID step-size controller
   [``rtol=1e-5``, ``atol=1e-5``, ``dt0=0.01``, ``max_steps=100000``, ``t_min=1e-3``];
   NFE = the vector-field evaluations of the solve, computed from the solver's step statistics
@@ -20,10 +27,14 @@ Methods (``opts`` in brackets, defaults after ``=``):
   The whole batch is one state, so the batch shares its steps under an RMS error norm over real
   entries.
 
-All fixed-step samplers run on the grid ``t_i = linspace(1, t_min, steps + 1)`` as one jitted
-``lax.fori_loop`` whose step count is a traced value (one compilation serves every ``steps``);
-the last step returns the noise-free mean (score_sde's "denoising" of the output).
-NFE counts score evaluations per sample, one batched call counting once.
+``em``, ``pc`` and ``ddim`` run on the grid ``t_i = linspace(1, t_min, steps + 1)``, ``dpmpp_2m``
+and ``heun`` on their own grids from 1 to ``t_min``. Every fixed-step sampler is one jitted
+``lax.fori_loop`` whose step count is a traced value (one compilation serves every ``steps``, and
+its loop body calls the score once); the stochastic ones return the noise-free mean of the last
+step (score_sde's "denoising" of the output), and every one returns ``x`` at ``t_min``.
+NFE counts score evaluations per sample, one batched call counting once. Fixed-step samplers draw
+the prior in the default float dtype, so inside ``jax.enable_x64(True)`` they run in float64;
+``ddim``, ``dpmpp_2m`` and ``heun`` called with the same key start from the same prior draw.
 
 Every method works inside ``jax.jit`` and ``jax.vmap`` (e.g. over keys). Called eagerly,
 :func:`sample` returns the NFE as a Python int and raises ``RuntimeError`` when the ODE solver
@@ -51,6 +62,8 @@ METHOD_DEFAULTS = {
     "em": {"steps": 500, "t_min": 1e-3},
     "pc": {"steps": 250, "snr": 0.16, "corrector_steps": 1, "t_min": 1e-3},
     "ddim": {"steps": 100, "eta": 0.0, "t_min": 1e-3},
+    "dpmpp_2m": {"steps": 20, "t_min": 1e-3},
+    "heun": {"steps": 18, "rho": 7.0, "t_min": 1e-3},
     "ode": {"rtol": 1e-5, "atol": 1e-5, "dt0": 0.01, "max_steps": 100_000, "t_min": 1e-3},
 }
 
@@ -127,6 +140,11 @@ def _grid_times(i, steps, t_min):
     return 1.0 - i * h, 1.0 - (i + 1) * h
 
 
+def _float():
+    """The default float dtype: float32, or float64 under ``jax.enable_x64``."""
+    return jnp.result_type(float)
+
+
 def _constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
@@ -138,7 +156,7 @@ def _fixed_step_loop(step_fn, key, shape, mask, sde, steps, t_min, sharding=None
     Returns the mean of the last step (no noise added at the end).
     """
     k_prior, k_steps = jax.random.split(key)
-    x = _constrain(sde.prior_sample(k_prior, shape), sharding)
+    x = _constrain(sde.prior_sample(k_prior, shape, _float()), sharding)
     m = _ones_mask(mask, x)
 
     def body(i, carry):
@@ -181,6 +199,113 @@ def _ddim(score_fn, sde, key, shape, mask, *, steps, eta, t_min, sharding=None):
     return _fixed_step_loop(step, key, shape, mask, sde, steps, t_min, sharding)
 
 
+def _deterministic_prior(sde, key, shape):
+    """The prior draw of ``dpmpp_2m`` and ``heun``: the one ``ddim`` makes from the same key."""
+    return sde.prior_sample(jax.random.split(key)[0], shape, _float())
+
+
+def _alpha_sigma_of_lambda(lam):
+    """``(alpha_t, sigma_t)`` of the VP marginal at half log-SNR ``lam = log(alpha_t / sigma_t)``."""
+    return jnp.sqrt(jax.nn.sigmoid(2.0 * lam)), jnp.sqrt(jax.nn.sigmoid(-2.0 * lam))
+
+
+def dpmpp_2m_step(score_fn, sde: VPSDE, x, x0_prev, lam, lam_next, r, second_order, mask):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, "DPM-Solver++", Algorithm 2) from half log-SNR
+    ``lam`` to ``lam_next > lam``.
+
+    With ``h = lam_next - lam``, the data prediction ``x0 = (x - sigma_t eps) / alpha_t`` (``eps =
+    -sigma_t score``) at the current point and ``x0_prev`` from the previous step, whose step size
+    was ``r h``: ``D = x0 + (x0 - x0_prev) / (2 r)`` if ``second_order`` else ``x0``, and
+    ``x' = (sigma_s / sigma_t) x - alpha_s (exp(-h) - 1) D``. One score evaluation.
+    Returns ``(x', x0)``; both are zero where ``mask`` is 0.
+    """
+    alpha_t, sigma_t = _alpha_sigma_of_lambda(lam)
+    alpha_s, sigma_s = _alpha_sigma_of_lambda(lam_next)
+    t = _batch_time(sde.time_of_log_snr(2.0 * lam), x)
+    x0 = (x + sigma_t**2 * score_fn(x, t)) / alpha_t * mask
+    d = x0 + jnp.where(second_order, 0.5 / r, 0.0) * (x0 - x0_prev)
+    h = lam_next - lam
+    return (sigma_s / sigma_t * x - alpha_s * jnp.expm1(-h) * d) * mask, x0
+
+
+@eqx.filter_jit
+def _dpmpp_2m(score_fn, sde, key, shape, mask, *, steps, t_min, sharding=None):
+    """DPM-Solver++(2M) from t = 1 to ``t_min`` in ``steps`` steps uniform in ``lambda``.
+
+    Step ``i`` goes from ``lambda_i`` to ``lambda_{i+1}``, ``lambda_i = lambda(1) + i (lambda(t_min) -
+    lambda(1)) / steps``, with the score at ``t_i = lambda^-1(lambda_i)`` (closed form,
+    :meth:`~fpcd.sde.VPSDE.time_of_log_snr`). Step 0 is first order (no history); the last step is
+    first order too when ``steps < 15`` (diffusers' ``lower_order_final``; the authors' reference
+    code does the same below 10 steps), which steadies few-step sampling; every other step is
+    second order. On this uniform grid the step-size ratio ``r`` is 1.
+    """
+    x = _constrain(_deterministic_prior(sde, key, shape), sharding)
+    m = _ones_mask(mask, x)
+    lam_start, lam_end = 0.5 * sde.log_snr(1.0), 0.5 * sde.log_snr(t_min)
+    h = (lam_end - lam_start) / steps
+
+    def body(i, carry):
+        x, x0_prev = carry
+        lam = lam_start + i * h
+        lam_next = jnp.where(i + 1 == steps, lam_end, lam + h)
+        last_lower = (i + 1 == steps) & (steps < 15)
+        return dpmpp_2m_step(score_fn, sde, x, x0_prev, lam, lam_next, 1.0, (i > 0) & ~last_lower, m)
+
+    x, _ = jax.lax.fori_loop(0, steps, body, (x * m, jnp.zeros_like(x)))
+    return x
+
+
+def heun_grid(i, steps, sigma_max, sigma_min, rho):
+    """EDM's noise level ``sigma_i`` (Karras et al. 2022, eq. 5) for ``i = 0 .. steps``:
+
+    ``sigma_i = (sigma_max^(1/rho) + i / steps (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+
+    here in the VP's ``sigma = sigma_t / alpha_t = exp(-lambda)`` (the noise level of ``x / alpha_t``,
+    the variance-exploding form of the VP SDE) with ``sigma_max = sigma(1)``, ``sigma_min =
+    sigma(t_min)``; the VP time of ``sigma_i`` is ``t_i = lambda^-1(-log sigma_i)``. EDM's grid has
+    ``N = steps + 1`` points ending at ``sigma_min`` (no extra step to 0).
+    """
+    a, b = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return jnp.where(i == steps, sigma_min, (a + i / steps * (b - a)) ** rho)
+
+
+@eqx.filter_jit
+def _heun(score_fn, sde, key, shape, mask, *, steps, rho, t_min, sharding=None):
+    """Heun (EDM Algorithm 1, deterministic) on the probability-flow ODE in EDM's variables.
+
+    With ``y = x / alpha_t`` and ``sigma = sigma_t / alpha_t`` the VP probability-flow ODE is
+    ``dy / dsigma = eps(x, t) = -sigma_t score(x, t)`` (the ODE whose Euler steps are DDIM). From
+    ``sigma_j`` to ``sigma_{j+1}`` (:func:`heun_grid`, ``Delta = sigma_{j+1} - sigma_j``):
+    ``d = eps(y_j)``, ``y' = y_j + Delta d``, and for ``j < steps - 1``
+    ``y_{j+1} = y_j + Delta (d + eps(y'))/2``; the last step stops at the Euler ``y'``. Returns
+    ``alpha(t_min) y``. The ``2 steps - 1`` evaluations are one ``fori_loop`` of one score call each:
+    even iterations ``k = 2j`` are Euler predictors at ``sigma_j``, odd ones their corrections at
+    ``sigma_{j+1}``.
+    """
+    x = _constrain(_deterministic_prior(sde, key, shape), sharding)
+    m = _ones_mask(mask, x)
+    sigma_max, sigma_min = jnp.exp(-0.5 * sde.log_snr(1.0)), jnp.exp(-0.5 * sde.log_snr(t_min))
+    y = x * m * jnp.sqrt(1.0 + sigma_max**2)
+
+    def body(k, carry):
+        y, y_pred, d = carry
+        j, correct = k // 2, k % 2 == 1
+        sigma_j = heun_grid(j, steps, sigma_max, sigma_min, rho)
+        sigma_next = heun_grid(j + 1, steps, sigma_max, sigma_min, rho)
+        sigma = jnp.where(correct, sigma_next, sigma_j)
+        alpha = jax.lax.rsqrt(1.0 + sigma**2)
+        t = _batch_time(sde.time_of_log_snr(-2.0 * jnp.log(sigma)), x)
+        point = jnp.where(correct, y_pred, y)
+        eps = -sigma * alpha * score_fn(alpha * point, t) * m
+        delta = sigma_next - sigma_j
+        y_new = jnp.where(correct, y + 0.5 * delta * (d + eps), y)
+        y_pred = jnp.where(correct, y_pred, y + delta * eps)
+        return y_new, y_pred, jnp.where(correct, d, eps)
+
+    _, y_last, _ = jax.lax.fori_loop(0, 2 * steps - 1, body, (y, y, jnp.zeros_like(y)))
+    return y_last * jax.lax.rsqrt(1.0 + sigma_min**2)
+
+
 class ProbabilityFlow(eqx.Module):
     """Vector field of the probability-flow ODE ``dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)``,
     zero on padded entries. Call signature ``(t (), x (B, ...), args) -> (B, ...)`` (diffrax's)."""
@@ -210,7 +335,7 @@ def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min, 
     )
 
 
-_SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "ode": _ode}
+_SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m, "heun": _heun, "ode": _ode}
 
 
 def _check_options(method: str, opts: dict) -> dict:
@@ -226,7 +351,7 @@ def _check_options(method: str, opts: dict) -> dict:
             value = merged[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"sampling option {name} must be a positive integer, got {value!r}")
-    for name in ("snr", "rtol", "atol", "dt0"):
+    for name in ("snr", "rtol", "atol", "dt0", "rho"):
         if name in merged and not (isinstance(merged[name], (int, float)) and merged[name] > 0):
             raise ValueError(f"sampling option {name} must be a positive number, got {merged[name]!r}")
     if "eta" in merged and not (isinstance(merged["eta"], (int, float)) and 0.0 <= merged["eta"] <= 1.0):
@@ -242,8 +367,10 @@ def nfe_of(method: str, **opts) -> int | None:
     merged = _check_options(method, opts)
     if method == "pc":
         return merged["steps"] * (1 + merged["corrector_steps"])
-    if method in ("em", "ddim"):
+    if method in ("em", "ddim", "dpmpp_2m"):
         return merged["steps"]
+    if method == "heun":
+        return 2 * merged["steps"] - 1
     return None
 
 
@@ -256,7 +383,8 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
       sde: the :class:`~fpcd.sde.VPSDE`.
       key: a JAX PRNG key.
       shape: output shape ``(B, ...)``.
-      method: ``"em"``, ``"pc"``, ``"ddim"`` or ``"ode"`` (module docstring lists options).
+      method: ``"em"``, ``"pc"``, ``"ddim"``, ``"dpmpp_2m"``, ``"heun"`` or ``"ode"`` (the module
+        docstring lists options).
       mask: 1 = real, 0 = padding; ``(B, N)`` for clouds or broadcastable to ``shape``.
       sharding: optional sharding of the batch (e.g. ``fpcd.parallel.batch_sharding(mesh)``):
         the samples are then computed data-parallel over its devices. Results do not depend on it.

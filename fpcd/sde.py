@@ -120,6 +120,22 @@ class VPSDE(eqx.Module):
         b = self.int_beta(t)
         return -b - jnp.log(-jnp.expm1(-b))
 
+    def time_of_log_snr(self, log_snr):
+        """Inverse of :meth:`log_snr`: the ``t`` with ``log(alpha_t^2 / sigma_t^2) = log_snr``, in closed
+        form (elementwise). ``B(t) = log(1 + exp(-log_snr))``; then the linear schedule solves the
+        quadratic ``B = beta_min t + (beta_max - beta_min) t^2 / 2`` and the cosine schedule
+        ``cos(phi(t)) = cos(phi(0)) exp(-B/2)``, written as an ``arctan2`` of sine and cosine so that
+        small ``t`` keeps its relative precision in float32. Times outside ``[0, 1]`` come out
+        outside ``[0, 1]`` (their values then mean nothing)."""
+        b = jax.nn.softplus(-jnp.asarray(log_snr, dtype=jnp.result_type(float)))
+        if self.schedule == "linear":
+            slope = self.beta_max - self.beta_min
+            return 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * slope * b))
+        phi0, phi1 = self._cosine_angles()
+        sin_phi = jnp.sqrt(math.sin(phi0) ** 2 - math.cos(phi0) ** 2 * jnp.expm1(-b))
+        phi = jnp.arctan2(sin_phi, math.cos(phi0) * jnp.exp(-0.5 * b))
+        return (phi - phi0) / (phi1 - phi0)
+
     # --- SDE coefficients -----------------------------------------------------------------------
     def drift(self, x, t):
         """Forward drift ``f(x, t) = -1/2 beta(t) x`` for ``x`` ``(B, ...)``, ``t`` ``(B,)``."""
