@@ -67,6 +67,7 @@ def get_config(variant: str = ""):
     })
 
     cfg.eval = ml_collections.ConfigDict()
+    cfg.eval.evaluators = ("observables", "classifier")  # fpcd.experiments.calo; the classifier is the slow one
     cfg.eval.seed = 42
     cfg.eval.momentum_bins = (1.0, 5.0, 20.0, 100.0)
     cfg.eval.classifier = ml_collections.ConfigDict({"hidden": (256, 256), "epochs": 60, "batch_size": 256,

@@ -61,6 +61,8 @@ def get_config(variant: str = ""):
         }
     )
 
+    cfg.eval = ml_collections.ConfigDict({"evaluators": ("w1", "likelihood")})  # fpcd.experiments.gmm
+
     if variant == "tiny":
         cfg.data.num_train = 4096
         cfg.data.num_test = 2000

@@ -49,7 +49,7 @@ def get_config(variant: str = ""):
         "ode_1e-3": {"method": "ode", "rtol": 1e-3, "atol": 1e-3},
     })
 
-    cfg.eval = ml_collections.ConfigDict({"num_batches": 5, "seed": 42})
+    cfg.eval = ml_collections.ConfigDict({"evaluators": ("jet_metrics",), "num_batches": 5, "seed": 42})
 
     if variant == "tiny":
         cfg.data.jet_types = ("q", "t")

@@ -3,8 +3,8 @@
 An experiment is a subclass of :class:`Experiment` that supplies only what is its own (the
 hooks): its data (:meth:`~Experiment.load_data`), the models of its stages and their training
 batches (:meth:`~Experiment.stages`), how one sampler run generates samples through its stages
-(:meth:`~Experiment.generate`), and its evaluation (:meth:`~Experiment.evaluate`,
-:meth:`~Experiment.format_results`). :func:`train_and_evaluate` does the rest for all of them:
+(:meth:`~Experiment.generate`), and its evaluators (:meth:`~Experiment.evaluators`, run as
+``config.eval.evaluators`` names them, big_vision style; :meth:`~Experiment.format_results`). :func:`train_and_evaluate` does the rest for all of them:
 
 * ``mode="train"``: validate the config, claim the workdir, train every stage in order, each
   resuming from its newest checkpoint (``checkpoints/<stage>``), logging to ``train_log.jsonl``,
@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fpcd.checkpoint import Checkpointer
-from fpcd.config import ConfigError, validate_common
+from fpcd.config import ConfigError, require_strings, validate_common
 from fpcd.io import atomic_write, write_json
 from fpcd.parallel import batch_sharding, replicate, shard_batch
 from fpcd.sampling import sample
@@ -134,6 +134,11 @@ class Experiment(abc.ABC):
     def validate(self, num_devices: int) -> None:
         """Raise :class:`~fpcd.config.ConfigError` naming the field of a bad config value."""
         validate_common(self.cfg, num_devices=num_devices, train_sections=self.TRAIN_SECTIONS)
+        names = require_strings(self.cfg, "eval.evaluators")
+        unknown = [name for name in names if name not in self.evaluators()]
+        if unknown or len(set(names)) != len(names):
+            raise ConfigError(f"config.eval.evaluators={names!r}: unknown or repeated evaluator(s) {unknown}; "
+                              f"this experiment has {tuple(self.evaluators())}")
 
     @abc.abstractmethod
     def load_data(self):
@@ -162,12 +167,22 @@ class Experiment(abc.ABC):
         """
 
     @abc.abstractmethod
-    def evaluate(self, data, samples: dict, models: dict, *, figures_dir: str | None) -> dict:
-        """Metrics of ``samples`` (``group -> run name -> RunSamples``) as a JSON-able dict.
+    def evaluators(self) -> dict[str, Callable]:
+        """The experiment's evaluators by name (big_vision style): each is
+        ``(data, samples, models, *, figures_dir) -> dict`` and returns its part of the metrics;
+        ``config.eval.evaluators`` names the ones that run, in order.
 
-        Runs on every process; figures are written to ``figures_dir`` when it is not None
-        (process 0).
+        ``samples`` is ``group -> run name -> RunSamples``. Evaluators run on every process; figures
+        are written to ``figures_dir`` when it is not None (process 0).
         """
+
+    def evaluate(self, data, samples: dict, models: dict, *, figures_dir: str | None) -> dict:
+        """The metrics of the evaluators named in ``config.eval.evaluators``, merged into one dict."""
+        evaluators = self.evaluators()
+        metrics = {"experiment": self.cfg.experiment, "evaluators": list(self.cfg.eval.evaluators)}
+        for name in self.cfg.eval.evaluators:
+            merge_metrics(metrics, evaluators[name](data, samples, models, figures_dir=figures_dir))
+        return metrics
 
     @abc.abstractmethod
     def format_results(self, metrics: dict) -> str:
@@ -179,6 +194,16 @@ class Experiment(abc.ABC):
     def samples_attrs(self, group: str) -> dict:
         """Attributes of the root group of ``group``'s samples file."""
         return {}
+
+
+def merge_metrics(metrics: dict, part: dict) -> dict:
+    """Merge ``part`` into ``metrics`` in place, recursing into dicts both hold."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(metrics.get(key), dict):
+            merge_metrics(metrics[key], value)
+        else:
+            metrics[key] = value
+    return metrics
 
 
 # --- multi-process helpers -----------------------------------------------------------------------

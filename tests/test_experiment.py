@@ -164,13 +164,18 @@ def test_longer_run_resumes_from_the_checkpoint_and_appends_to_the_log(tiny_run)
     assert after[:len(before)] == before and [r["step"] for r in after[len(before):]] == [550, 600]
 
 
-def test_eval_mode_reuses_saved_samples(tiny_run):
+def test_eval_mode_reuses_saved_samples_and_runs_the_named_evaluators(tiny_run):
     workdir, _ = tiny_run
     before = (workdir / "samples.h5").stat().st_mtime_ns
-    proc = _main(f"--workdir={workdir}", "--mode=eval", "--config.train.num_steps=600", devices=2)
+    w1_before = json.loads((workdir / "metrics.json").read_text())["runs"]
+    proc = _main(f"--workdir={workdir}", "--mode=eval", "--config.train.num_steps=600",
+                 "--config.eval.evaluators=('w1',)", devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (workdir / "samples.h5").stat().st_mtime_ns == before
-    assert "log-likelihood" in proc.stdout
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["evaluators"] == ["w1"] and "log_likelihood" not in metrics
+    assert "log-likelihood" not in proc.stdout and "W1 mean" in proc.stdout
+    assert {name: r["w1"] for name, r in metrics["runs"].items()} == {name: r["w1"] for name, r in w1_before.items()}
 
 
 def test_workdir_of_a_different_config_is_refused(tiny_run):
@@ -217,7 +222,7 @@ def test_validation_names_the_field(field, value, match):
 def test_unknown_sampler_in_config_is_rejected():
     cfg = gmm_config.get_config("tiny")
     with cfg.unlocked():
-        cfg.sampling.runs.em_20.method = "heun"
+        cfg.sampling.runs.em_20.method = "rk4"
     with pytest.raises(ConfigError, match="config.sampling.runs.em_20.method"):
         _validate(cfg)
     cfg = gmm_config.get_config("tiny")
@@ -233,6 +238,14 @@ def test_a_run_name_states_its_nfe():
     with cfg.unlocked():
         cfg.sampling.runs.pc_20.steps = 20
     with pytest.raises(ConfigError, match="pc_20.*must take 20 score evaluations.*takes 40"):
+        _validate(cfg)
+
+
+def test_unknown_evaluator_is_rejected():
+    cfg = gmm_config.get_config("tiny")
+    with cfg.unlocked():
+        cfg.eval.evaluators = ("w1", "fid")
+    with pytest.raises(ConfigError, match="config.eval.evaluators.*fid"):
         _validate(cfg)
 
 

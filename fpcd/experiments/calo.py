@@ -202,7 +202,8 @@ class CaloExperiment(Experiment):
             def probe_batch(rows):
                 return stage2_batch(0, rows)
 
-        return (Stage("cluster", cluster_model, cfg.train_cluster, self.key("train_cluster"), cluster_batch),
+        return (Stage("cluster", cluster_model, cfg.train_cluster, self.key("train_cluster"), cluster_batch,
+                      lambda rows: cluster_batch(0, rows)),
                 Stage(self.stage2, stage2_model, cfg.train, self.key("train"), stage2_batch, probe_batch))
 
     def batch_size(self, n: int, sampler) -> int:
@@ -291,55 +292,81 @@ class CaloExperiment(Experiment):
         return calo_metrics.classifier_auc(truth, generated, seed=int(self.cfg.eval.seed), hidden=tuple(c.hidden),
                                            epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate)
 
+    def evaluators(self):
+        return {"observables": self.evaluate_observables, "classifier": self.evaluate_classifier}
+
     def evaluate(self, data: PreparedData, samples, models, *, figures_dir):
-        cfg = self.cfg
-        n = cfg.sampling.num_samples
-        truth_a, truth_b = data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
-        levels = ("cell", "voxel") if cfg.representation == "cloud" else ("voxel",)
-        images_a, images_b = to_voxels(truth_a.cells, group=GROUP), to_voxels(truth_b.cells, group=GROUP)
-        truth_obs = {"voxel": (voxel_observables(images_a, truth_a.momentum),
-                               voxel_observables(images_b, truth_b.momentum))}
-        if "cell" in levels:
-            truth_obs["cell"] = (calo_metrics.shower_observables(truth_a.cells, truth_a.momentum),
-                                 calo_metrics.shower_observables(truth_b.cells, truth_b.momentum))
-        floors = {level: calo_metrics.observable_w1(*truth_obs[level]) for level in levels}
-        features = calo_metrics.high_level_features
-        metrics = {"experiment": cfg.experiment, "representation": cfg.representation, "num_samples": n,
-                   "num_empty_showers_dropped": data.num_empty, "floor": floors, "runs": {}}
-        metrics["classifier_floor"] = {
-            "voxel_image": self._classifier(calo_metrics.voxel_features(images_a, truth_a.momentum),
-                                            calo_metrics.voxel_features(images_b, truth_b.momentum))["auc"],
-            **{f"high_level_{level}": self._classifier(
-                features(truth_obs[level][0], truth_a.momentum, truth_a.theta),
-                features(truth_obs[level][1], truth_b.momentum, truth_b.theta))["auc"] for level in levels},
-        }
-        generated_obs = {}
-        for name, r in samples[""].items():
-            keep = np.asarray(r.arrays["finite"], bool)
-            p, th = truth_a.momentum[keep], truth_a.theta[keep]
-            obs = {"voxel": voxel_observables(r.arrays["voxels"][keep], p)}
-            if "cell" in levels:
-                obs["cell"] = calo_metrics.shower_observables(r.arrays["hcal_cells"][keep], p)
-            generated_obs[name] = obs
-            row = {"method": r.run["method"], "options": {k: v for k, v in r.run.items() if k != "method"}, **r.info}
-            for level in levels:
-                truth_kept = {k: v[keep] for k, v in truth_obs[level][0].items()}
-                row[level] = w1_block(truth_obs[level][0], obs[level], floors[level])
-                row[level]["classifier_high_level"] = self._classifier(features(truth_kept, p, th),
-                                                                       features(obs[level], p, th))
-            row["voxel"]["classifier_voxel_image"] = self._classifier(
-                calo_metrics.voxel_features(images_a[keep], p), calo_metrics.voxel_features(r.arrays["voxels"][keep], p))
-            metrics["runs"][name] = row
-            if self.progress:
-                print(f"[eval] {name}: AUC high-level {row[levels[0]]['classifier_high_level']['auc']:.3f}, "
-                      f"voxels {row['voxel']['classifier_voxel_image']['auc']:.3f}; W1/floor "
-                      f"{row[levels[0]]['w1_over_floor_mean']:.2f}", flush=True)
-        if figures_dir is not None:
-            self._figures(figures_dir, metrics, samples[""], truth_obs, generated_obs, truth_a.momentum, levels)
+        metrics = super().evaluate(data, samples, models, figures_dir=figures_dir)
         metrics["summary"] = self._summary(figures_dir, metrics)
         comparison = self._compare_with(figures_dir, metrics)
         if comparison is not None:
             metrics["comparison"] = comparison
+        return metrics
+
+    def _observables(self, data: PreparedData, samples):
+        """Observables of two disjoint held-out halves (``truth``: level -> (a, b)) and of every run's
+        finite showers (``generated``: run -> level -> observables), with the voxel images."""
+        n = self.cfg.sampling.num_samples
+        truth_a, truth_b = data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
+        levels = ("cell", "voxel") if self.cfg.representation == "cloud" else ("voxel",)
+        images = (to_voxels(truth_a.cells, group=GROUP), to_voxels(truth_b.cells, group=GROUP))
+        truth = {"voxel": (voxel_observables(images[0], truth_a.momentum),
+                           voxel_observables(images[1], truth_b.momentum))}
+        if "cell" in levels:
+            truth["cell"] = (calo_metrics.shower_observables(truth_a.cells, truth_a.momentum),
+                             calo_metrics.shower_observables(truth_b.cells, truth_b.momentum))
+        generated = {}
+        for name, r in samples[""].items():
+            keep = np.asarray(r.arrays["finite"], bool)
+            generated[name] = {"voxel": voxel_observables(r.arrays["voxels"][keep], truth_a.momentum[keep])}
+            if "cell" in levels:
+                generated[name]["cell"] = calo_metrics.shower_observables(r.arrays["hcal_cells"][keep],
+                                                                          truth_a.momentum[keep])
+        return levels, (truth_a, truth_b), images, truth, generated
+
+    def evaluate_observables(self, data: PreparedData, samples, models, *, figures_dir):
+        """W1 of every shower observable at each level against held-out showers, the truth-vs-truth
+        floor, and the figures."""
+        cfg = self.cfg
+        levels, (truth_a, _), _, truth, generated = self._observables(data, samples)
+        floors = {level: calo_metrics.observable_w1(*truth[level]) for level in levels}
+        metrics = {"representation": cfg.representation, "num_samples": cfg.sampling.num_samples,
+                   "num_empty_showers_dropped": data.num_empty, "floor": floors, "runs": {}}
+        for name, r in samples[""].items():
+            row = {"method": r.run["method"], "options": {k: v for k, v in r.run.items() if k != "method"}, **r.info}
+            for level in levels:
+                row[level] = w1_block(truth[level][0], generated[name][level], floors[level])
+            metrics["runs"][name] = row
+        if figures_dir is not None:
+            self._figures(figures_dir, metrics, samples[""], truth, generated, truth_a.momentum, levels)
+        return metrics
+
+    def evaluate_classifier(self, data: PreparedData, samples, models, *, figures_dir):
+        """AUC of an MLP separating generated from held-out showers, on high-level observables (each
+        level) and on voxel images, and the same between two held-out halves."""
+        levels, (truth_a, truth_b), images, truth, generated = self._observables(data, samples)
+        features = calo_metrics.high_level_features
+        metrics = {"classifier_floor": {
+            "voxel_image": self._classifier(calo_metrics.voxel_features(images[0], truth_a.momentum),
+                                            calo_metrics.voxel_features(images[1], truth_b.momentum))["auc"],
+            **{f"high_level_{level}": self._classifier(
+                features(truth[level][0], truth_a.momentum, truth_a.theta),
+                features(truth[level][1], truth_b.momentum, truth_b.theta))["auc"] for level in levels},
+        }, "runs": {}}
+        for name, r in samples[""].items():
+            keep = np.asarray(r.arrays["finite"], bool)
+            p, th = truth_a.momentum[keep], truth_a.theta[keep]
+            row = {}
+            for level in levels:
+                truth_kept = {k: v[keep] for k, v in truth[level][0].items()}
+                row[level] = {"classifier_high_level": self._classifier(features(truth_kept, p, th),
+                                                                        features(generated[name][level], p, th))}
+            row["voxel"]["classifier_voxel_image"] = self._classifier(
+                calo_metrics.voxel_features(images[0][keep], p), calo_metrics.voxel_features(r.arrays["voxels"][keep], p))
+            metrics["runs"][name] = row
+            if self.progress:
+                print(f"[eval] {name}: AUC high-level {row[levels[0]]['classifier_high_level']['auc']:.3f}, "
+                      f"voxels {row['voxel']['classifier_voxel_image']['auc']:.3f}", flush=True)
         return metrics
 
     def _figures(self, directory, metrics, samples, truth_obs, generated_obs, momentum, levels):
@@ -359,10 +386,12 @@ class CaloExperiment(Experiment):
                   ylabel="voxel-level W1 / truth floor (mean over observables)")
 
     def _summary(self, workdir, metrics) -> dict:
-        """The row of this run in the point-cloud vs image table (first sampler run)."""
+        """The row of this run in the point-cloud vs image table (first sampler run); None where an
+        evaluator did not run."""
         train_info = read_json(os.path.join(workdir, TRAIN_INFO_FILE)) if workdir else {}
         cluster_model, stage2_model = self.models()
         name, first = next(iter(metrics["runs"].items()))
+        voxel = first.get("voxel", {})
         memory = train_info.get(self.stage2, {}).get("step_memory_bytes")
         return {
             "representation": self.cfg.representation, "run": name, "nfe": first["nfe"],
@@ -373,9 +402,9 @@ class CaloExperiment(Experiment):
             "training_seconds_stage2": train_info.get(self.stage2, {}).get("seconds"),
             "training_seconds_total": sum(v.get("seconds", 0.0) for v in train_info.values()) or None,
             "ms_per_shower": first["ms_per_shower"],
-            "auc_high_level": first["voxel"]["classifier_high_level"]["auc"],
-            "auc_voxel_image": first["voxel"]["classifier_voxel_image"]["auc"],
-            "w1_voxel": first["voxel"]["w1"], "w1_over_floor_voxel": first["voxel"]["w1_over_floor_mean"],
+            "auc_high_level": voxel.get("classifier_high_level", {}).get("auc"),
+            "auc_voxel_image": voxel.get("classifier_voxel_image", {}).get("auc"),
+            "w1_voxel": voxel.get("w1"), "w1_over_floor_voxel": voxel.get("w1_over_floor_mean"),
             "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         }
 
@@ -399,12 +428,19 @@ class CaloExperiment(Experiment):
         levels = ("cell", "voxel") if metrics["representation"] == "cloud" else ("voxel",)
         lines = [f"{'run':<12}{'NFE':>6}{'ms/shower':>11}" + "".join(f"{'W1/floor ' + lv:>17}{'AUC ' + lv:>11}"
                                                                    for lv in levels) + f"{'AUC voxels':>12}"]
+
+        def cell(value, width, digits):
+            return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
         for name, r in metrics["runs"].items():
             line = f"{name:<12}{r['nfe']:>6}{r['ms_per_shower']:>11.2f}"
             for level in levels:
-                line += f"{r[level]['w1_over_floor_mean']:>17.2f}{r[level]['classifier_high_level']['auc']:>11.3f}"
-            lines.append(line + f"{r['voxel']['classifier_voxel_image']['auc']:>12.3f}")
-        lines.append("truth vs truth AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["classifier_floor"].items()))
+                row = r.get(level, {})
+                line += cell(row.get("w1_over_floor_mean"), 17, 2)
+                line += cell(row.get("classifier_high_level", {}).get("auc"), 11, 3)
+            lines.append(line + cell(r.get("voxel", {}).get("classifier_voxel_image", {}).get("auc"), 12, 3))
+        if "classifier_floor" in metrics:
+            lines.append("truth vs truth AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["classifier_floor"].items()))
         if "comparison" in metrics:
             lines += ["", metrics["comparison"]["table"]]
         return "\n".join(lines)
@@ -439,5 +475,6 @@ def comparison_table(cloud: dict, image: dict) -> str:
         cells = [("n/a" if row.get(key) is None else fmt.format(row[key])) for row in (cloud, image)]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     for obs in calo_metrics.SCALAR_OBSERVABLES + calo_metrics.VECTOR_OBSERVABLES:
-        lines.append(f"| W1 {obs} (voxel level) | {cloud['w1_voxel'][obs]:.4g} | {image['w1_voxel'][obs]:.4g} |")
+        cells = ["n/a" if row.get("w1_voxel") is None else f"{row['w1_voxel'][obs]:.4g}" for row in (cloud, image)]
+        lines.append(f"| W1 {obs} (voxel level) | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

@@ -217,11 +217,16 @@ class JetsExperiment(Experiment):
                 "jets_per_second": n / seconds if seconds > 0 else None}
         return {"particle_features": jets.particle_features, "jet_features": jets.jet_features}, info
 
-    def evaluate(self, data: PreparedData, samples, models, *, figures_dir):
+    def evaluators(self):
+        return {"jet_metrics": self.evaluate_jet_metrics}
+
+    def evaluate_jet_metrics(self, data: PreparedData, samples, models, *, figures_dir):
+        """W1M, W1P, W1EFP, FPD and KPD per type and run against held-out jets, with the
+        truth-vs-truth floors, and the figures."""
         cfg = self.cfg
         n = cfg.sampling.num_samples
         kw = {"num_batches": cfg.eval.num_batches, "seed": cfg.eval.seed}
-        metrics = {"experiment": cfg.experiment, "num_samples": n, "types": {}}
+        metrics = {"num_samples": n, "types": {}}
         for jet_type in data.types:
             test = data.test[jet_type]
             truth, other = test.take(slice(0, n)), test.take(slice(n, 2 * n))
