@@ -42,6 +42,18 @@ def truth_floor(mixture, num_samples, *, repeats=4, seed=1000):
     return np.mean(values, axis=0)
 
 
+class CountingScore(eqx.Module):
+    """Wraps a score function and tallies executed (batched) calls on the host: an NFE count made
+    independently of the samplers' and solvers' own accounting."""
+
+    inner: eqx.Module
+    tally: list = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        jax.debug.callback(lambda: self.tally.append(1))
+        return self.inner(x, t)
+
+
 class OracleNet(eqx.Module):
     """Predicts exactly what a perfect eps- or v-network would for a Gaussian mixture."""
 

@@ -136,11 +136,13 @@ def test_comparison_table_and_eval_only_rerun(runs):
     assert set(rows) == {"cloud", "image"}
     assert "point cloud" in proc_image.stdout
     before = json.loads((cloud / "metrics.json").read_text())
-    proc = _main(cloud, "tiny", "--mode=eval")
+    proc = _main(cloud, "tiny", "--mode=eval", "--config.eval.evaluators=('observables',)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((cloud / "metrics.json").read_text())
-    for name in before["runs"]:  # same samples, same evaluation seed: same numbers
+    assert "classifier_floor" not in after and "truth vs truth AUC" not in proc.stdout
+    for name in before["runs"]:  # same samples: same numbers; the classifier evaluator did not run
         assert after["runs"][name]["cell"]["w1"] == before["runs"][name]["cell"]["w1"]
+        assert "classifier_high_level" not in after["runs"][name]["cell"]
 
 
 def test_cell_features_round_trip():

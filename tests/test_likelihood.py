@@ -6,22 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CountingScore
 from fpcd.data.gmm import ExactScore
 from fpcd.likelihood import exact_divergence, log_likelihood
 
 T_MIN = 1e-5
-
-
-class CountingScore(eqx.Module):
-    """Wraps a score function and tallies executed (batched) calls on the host, independently of
-    the solver's statistics."""
-
-    inner: eqx.Module
-    tally: list = eqx.field(static=True)
-
-    def __call__(self, x, t):
-        jax.debug.callback(lambda: self.tally.append(1))
-        return self.inner(x, t)
 
 
 def jvp_counter(tally):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, truth_floor
+from conftest import CountingScore, REPO, truth_floor
 from fpcd.config import ConfigError, check_run_name
 from fpcd.data.gmm import ExactScore, GaussianMixture
 from fpcd.metrics import w1_per_dimension
@@ -23,18 +23,6 @@ NUM = 10_000
 # Two independent truth samples of this size reach up to ~1.8x the mean floor (30 trials), so a
 # sampler passes when its mean W1 over dimensions is below 2x the floor; a score off by 20% gives ~4x.
 FLOOR_FACTOR = 2.0
-
-
-class CountingScore(eqx.Module):
-    """Wraps a score function and tallies executed (batched) calls on the host, independently of
-    the samplers' own accounting."""
-
-    inner: eqx.Module
-    tally: list = eqx.field(static=True)
-
-    def __call__(self, x, t):
-        jax.debug.callback(lambda: self.tally.append(1))
-        return self.inner(x, t)
 
 
 class ScaledScore(eqx.Module):
