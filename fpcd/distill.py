@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from fpcd.nets import PREDICTIONS, apply_batched, score_fn_from
-from fpcd.sde import VPSDE, broadcast_time, expand_mask
-from fpcd.train import StateDonatingStep, TrainState, ema_update, init_train_state
+from fpcd.sde import VPSDE, broadcast_time, mask_or_ones
+from fpcd.train import StateDonatingStep, TrainState, apply_gradients, copy_arrays, init_train_state
 
 
 def student_grid(steps: int, t_min: float = 1e-3):
@@ -44,10 +44,6 @@ def grid_times(i, steps: int, t_min: float):
     h = (1.0 - t_min) / steps
     i = jnp.asarray(i, jnp.result_type(float))
     return 1.0 - i * h, 1.0 - (i + 0.5) * h, 1.0 - (i + 1.0) * h
-
-
-def _ones_mask(mask, x):
-    return jnp.ones_like(x) if mask is None else expand_mask(mask, x)
 
 
 def prediction_to_x0(prediction: str, output, z, alpha, sigma):
@@ -88,7 +84,7 @@ def distillation_target(teacher_score_fn, sde: VPSDE, z_t, t, t_mid, t_next, *, 
       ``x~`` ``(B, ...)``, zero where ``mask`` is 0. Not wrapped in ``stop_gradient``
       (:func:`distillation_terms` does that).
     """
-    m = _ones_mask(mask, z_t)
+    m = mask_or_ones(mask, z_t)
     z_t = z_t * m
     z_mid = _teacher_ddim_step(teacher_score_fn, sde, z_t, t, t_mid, m)
     z_next = _teacher_ddim_step(teacher_score_fn, sde, z_mid, t_mid, t_next, m)
@@ -110,7 +106,7 @@ def distillation_terms(student_model, teacher_score_fn, sde: VPSDE, x, key, *, s
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     k_i, k_eps = jax.random.split(key)
-    m = _ones_mask(mask, x)
+    m = mask_or_ones(mask, x)
     i = jax.random.randint(k_i, (x.shape[0],), 0, steps)
     t, t_mid, t_next = grid_times(i, steps, t_min)
     t, t_mid, t_next = (s.astype(x.dtype) for s in (t, t_mid, t_next))
@@ -157,8 +153,7 @@ def init_student_state(teacher, optimizer: optax.GradientTransformation, key) ->
     The copies own their buffers, so :func:`make_distill_step` can donate the state while the
     teacher stays alive (``init_train_state(teacher, ...)`` would share, and so donate, its buffers).
     """
-    copy = jax.tree_util.tree_map(lambda leaf: jnp.copy(leaf) if eqx.is_array(leaf) else leaf, teacher)
-    return init_train_state(copy, optimizer, key)
+    return init_train_state(copy_arrays(teacher), optimizer, key)
 
 
 def make_distill_step(
@@ -194,11 +189,7 @@ def make_distill_step(
                                      mask=batch.get("mask"), cond=batch.get("cond"), prediction=prediction)
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
-        params = eqx.filter(state.model, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        model = eqx.apply_updates(state.model, updates)
-        new_state = TrainState(model=model, ema_model=ema_update(state.ema_model, model, ema_decay),
-                               opt_state=opt_state, key_data=state.key_data, step=state.step + 1)
+        new_state = apply_gradients(state, grads, optimizer, ema_decay)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     jitted = eqx.filter_jit(step, donate="all-except-first")

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpcd.ode import checked_nfe, solve_dopri5
-from fpcd.sde import VPSDE, broadcast_time, expand_mask
+from fpcd.sde import VPSDE, broadcast_time, expand_mask, mask_or_ones
 
 METHOD_DEFAULTS = {
     "em": {"steps": 500, "t_min": 1e-3},
@@ -66,10 +66,6 @@ METHOD_DEFAULTS = {
     "heun": {"steps": 18, "rho": 7.0, "t_min": 1e-3},
     "ode": {"rtol": 1e-5, "atol": 1e-5, "dt0": 0.01, "max_steps": 100_000, "t_min": 1e-3},
 }
-
-
-def _ones_mask(mask, x):
-    return jnp.ones_like(x) if mask is None else expand_mask(mask, x)
 
 
 def _batch_time(t, x):
@@ -157,7 +153,7 @@ def _fixed_step_loop(step_fn, key, shape, mask, sde, steps, t_min, sharding=None
     """
     k_prior, k_steps = jax.random.split(key)
     x = _constrain(sde.prior_sample(k_prior, shape, _float()), sharding)
-    m = _ones_mask(mask, x)
+    m = mask_or_ones(mask, x)
 
     def body(i, carry):
         t, t_next = _grid_times(i, steps, t_min)
@@ -240,7 +236,7 @@ def _dpmpp_2m(score_fn, sde, key, shape, mask, *, steps, t_min, sharding=None):
     second order. On this uniform grid the step-size ratio ``r`` is 1.
     """
     x = _constrain(_deterministic_prior(sde, key, shape), sharding)
-    m = _ones_mask(mask, x)
+    m = mask_or_ones(mask, x)
     lam_start, lam_end = 0.5 * sde.log_snr(1.0), 0.5 * sde.log_snr(t_min)
     h = (lam_end - lam_start) / steps
 
@@ -283,7 +279,7 @@ def _heun(score_fn, sde, key, shape, mask, *, steps, rho, t_min, sharding=None):
     ``sigma_{j+1}``.
     """
     x = _constrain(_deterministic_prior(sde, key, shape), sharding)
-    m = _ones_mask(mask, x)
+    m = mask_or_ones(mask, x)
     sigma_max, sigma_min = jnp.exp(-0.5 * sde.log_snr(1.0)), jnp.exp(-0.5 * sde.log_snr(t_min))
     y = x * m * jnp.sqrt(1.0 + sigma_max**2)
 

@@ -50,6 +50,11 @@ def expand_mask(mask, x):
     return jnp.broadcast_to(mask, x.shape)
 
 
+def mask_or_ones(mask, x):
+    """:func:`expand_mask` of ``mask``, or ones shaped like ``x`` when there is no mask."""
+    return jnp.ones_like(x) if mask is None else expand_mask(mask, x)
+
+
 def masked_sum(values, mask=None):
     """Sum over every non-batch axis of ``values`` ``(B, ...)``, counting only ``mask == 1`` entries."""
     if mask is not None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fpcd.nets import PREDICTIONS, apply_batched
 from fpcd.parallel import DATA_AXIS
-from fpcd.sde import VPSDE, broadcast_time, expand_mask
+from fpcd.sde import VPSDE, broadcast_time, mask_or_ones
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,6 +47,11 @@ class TrainState(eqx.Module):
     step: jax.Array
 
 
+def copy_arrays(tree):
+    """``tree`` with every array leaf copied into a buffer of its own (other leaves shared)."""
+    return jax.tree_util.tree_map(lambda leaf: jnp.copy(leaf) if eqx.is_array(leaf) else leaf, tree)
+
+
 def init_train_state(model, optimizer: optax.GradientTransformation, key) -> TrainState:
     """Fresh state at step 0: the EMA starts at (a copy of) the model, ``key`` seeds every later step.
 
@@ -54,7 +59,7 @@ def init_train_state(model, optimizer: optax.GradientTransformation, key) -> Tra
     """
     return TrainState(
         model=model,
-        ema_model=jax.tree_util.tree_map(lambda leaf: jnp.copy(leaf) if eqx.is_array(leaf) else leaf, model),
+        ema_model=copy_arrays(model),
         opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
         key_data=jax.random.key_data(key),
         step=jnp.zeros((), jnp.int32),
@@ -112,7 +117,7 @@ def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: st
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     k_t, k_eps = jax.random.split(key)
-    m = jnp.ones_like(x) if mask is None else expand_mask(mask, x)
+    m = mask_or_ones(mask, x)
     if rows is None:
         t = antithetic_times(k_t, x.shape[0], t_min)
         eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
@@ -183,6 +188,15 @@ def ema_update(ema_model, model, decay: float):
     return eqx.combine(new, static)
 
 
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, ema_decay: float) -> TrainState:
+    """The state after one optimiser step on ``grads``: updated model, its EMA, optimiser state, step + 1."""
+    params = eqx.filter(state.model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    model = eqx.apply_updates(state.model, updates)
+    return TrainState(model=model, ema_model=ema_update(state.ema_model, model, ema_decay), opt_state=opt_state,
+                      key_data=state.key_data, step=state.step + 1)
+
+
 def make_train_step(
     sde: VPSDE,
     optimizer: optax.GradientTransformation,
@@ -219,16 +233,7 @@ def make_train_step(
         else:
             loss, grads = sharded_loss_and_grads(state.model, sde, batch, key, mesh, prediction=prediction,
                                                  t_min=t_min)
-        params = eqx.filter(state.model, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        model = eqx.apply_updates(state.model, updates)
-        new_state = TrainState(
-            model=model,
-            ema_model=ema_update(state.ema_model, model, ema_decay),
-            opt_state=opt_state,
-            key_data=state.key_data,
-            step=state.step + 1,
-        )
+        new_state = apply_gradients(state, grads, optimizer, ema_decay)
         if replicated is not None:
             new_state = eqx.filter_shard(new_state, replicated)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
