@@ -6,7 +6,8 @@
 
 ``--config`` is an ml-collections config file (``experiments/<name>.py``, optionally
 ``:variant``); any field can be overridden with ``--config.<field>=value``. ``--mode`` selects
-``train``, ``sample``, ``eval`` or ``all`` (:func:`fpcd.runner.train_and_evaluate`). Training
+``train``, ``distill``, ``sample``, ``eval`` or ``all`` (:func:`fpcd.runner.train_and_evaluate`; ``all``
+distils when ``config.distill.rounds`` > 0). Training
 resumes from the newest checkpoint in ``--workdir``. Data-parallel over every device of every
 process (``jax.distributed`` when the environment describes a multi-process job).
 """
@@ -23,7 +24,7 @@ from fpcd.parallel import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
-_MODE = flags.DEFINE_enum("mode", "all", ("train", "sample", "eval", "all"), "What to run.")
+_MODE = flags.DEFINE_enum("mode", "all", ("train", "distill", "sample", "eval", "all"), "What to run.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 

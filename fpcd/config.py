@@ -128,15 +128,10 @@ def train_section(num_steps: int, batch_size: int, learning_rate: float, warmup_
     })
 
 
-def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None:
-    """Check a training section (``config.train`` or another section of the same fields)."""
+def validate_optimisation(cfg, section: str) -> None:
+    """Check the optimisation fields a training and a distillation section share."""
     s = section
     num_steps = require_int(cfg, f"{s}.num_steps")
-    batch_size = require_int(cfg, f"{s}.batch_size")
-    if batch_size % num_devices:
-        raise ConfigError(
-            f"config.{s}.batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices})"
-        )
     require_float(cfg, f"{s}.learning_rate", low=0.0, open_low=True)
     warmup = require_int(cfg, f"{s}.warmup_steps", minimum=0)
     if warmup > num_steps:
@@ -144,12 +139,88 @@ def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None
     require_float(cfg, f"{s}.grad_clip", low=0.0)
     require_float(cfg, f"{s}.weight_decay", low=0.0)
     require_float(cfg, f"{s}.ema_decay", low=0.0, high=1.0)
-    require_choice(cfg, f"{s}.prediction", PREDICTIONS)
     require_choice(cfg, f"{s}.schedule", ("cosine", "constant"))
-    require_float(cfg, f"{s}.t_min", low=0.0, high=0.1, open_low=True)
     require_int(cfg, f"{s}.log_every")
     require_int(cfg, f"{s}.checkpoint_every")
     require_int(cfg, f"{s}.keep_checkpoints")
+
+
+def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None:
+    """Check a training section (``config.train`` or another section of the same fields)."""
+    s = section
+    validate_optimisation(cfg, s)
+    batch_size = require_int(cfg, f"{s}.batch_size")
+    if batch_size % num_devices:
+        raise ConfigError(
+            f"config.{s}.batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices})"
+        )
+    require_choice(cfg, f"{s}.prediction", PREDICTIONS)
+    require_float(cfg, f"{s}.t_min", low=0.0, high=0.1, open_low=True)
+
+
+DISTILL_OPTIMISATION_FIELDS = ("num_steps", "learning_rate", "warmup_steps", "schedule", "grad_clip", "weight_decay",
+                               "ema_decay", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def distill_section(rounds: int, teacher_steps: int, num_steps: int, learning_rate: float, *,
+                    sample_steps: tuple[int, ...] = (8, 4, 2, 1), warmup_steps: int = 0, ema_decay: float = 0.995,
+                    log_every: int = 100, checkpoint_every: int = 500, t_min: float = 1e-3):
+    """A progressive-distillation section (:func:`validate_distill`): ``rounds`` halvings of a teacher
+    sampled with deterministic DDIM in ``teacher_steps`` steps (``teacher_steps / 2`` ...
+    ``teacher_steps / 2**rounds`` student steps), ``num_steps`` optimiser steps per round and
+    stage at ``learning_rate`` (cosine decay, clipping at 1, no weight decay, two checkpoints
+    kept); the students of ``sample_steps`` are sampled and evaluated beside the teacher's DDIM at
+    the same steps. ``t_min`` is the end of the DDIM grid (that of :func:`fpcd.sampling.sample`)."""
+    return ml_collections.ConfigDict({
+        "rounds": rounds, "teacher_steps": teacher_steps, "sample_steps": tuple(sample_steps), "t_min": t_min,
+        "num_steps": num_steps, "learning_rate": learning_rate, "warmup_steps": warmup_steps, "schedule": "cosine",
+        "grad_clip": 1.0, "weight_decay": 0.0, "ema_decay": ema_decay, "log_every": log_every,
+        "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
+    })
+
+
+def student_steps(cfg) -> tuple[int, ...]:
+    """The students' DDIM steps, round by round (``teacher_steps / 2``, ``/ 4``, ...); ``()`` when the
+    config has no ``distill`` section or no rounds."""
+    if "distill" not in cfg or not cfg.distill.rounds:
+        return ()
+    return tuple(cfg.distill.teacher_steps // 2**r for r in range(1, cfg.distill.rounds + 1))
+
+
+def validate_distill(cfg, *, train_sections: tuple[str, ...] = ("train",)) -> None:
+    """Check ``config.distill`` (absent: no distillation); raise :class:`ConfigError` naming the field."""
+    if "distill" not in cfg:
+        return
+    rounds = require_int(cfg, "distill.rounds", minimum=0)
+    if not rounds:
+        return
+    teacher_steps = require_int(cfg, "distill.teacher_steps", minimum=2)
+    if teacher_steps % 2**rounds:
+        raise ConfigError(f"config.distill.teacher_steps ({teacher_steps}) must be divisible by 2**rounds "
+                          f"(2**{rounds} = {2**rounds}): every round halves the number of steps")
+    validate_optimisation(cfg, "distill")
+    require_float(cfg, "distill.t_min", low=0.0, high=0.1, open_low=True)
+    students = student_steps(cfg)
+    sampled = require_ints(cfg, "distill.sample_steps", minimum_count=0)
+    unknown = [k for k in sampled if k not in students]
+    if unknown or len(set(sampled)) != len(sampled):
+        raise ConfigError(f"config.distill.sample_steps={sampled!r}: unknown or repeated student(s) {unknown}; the "
+                          f"students of {rounds} rounds from {teacher_steps} steps take {students} steps")
+    for section in train_sections:
+        if get_field(cfg, f"{section}.prediction") != "v":
+            raise ConfigError(f"config.{section}.prediction={cfg[section].prediction!r}: progressive distillation "
+                              "needs a v-prediction teacher (an eps-prediction student is unstable at few steps); "
+                              f"train with --config.{section}.prediction=v or set --config.distill.rounds=0")
+    taken = [f"student_{k}" for k in sampled if f"student_{k}" in cfg.sampling.runs]
+    if taken:
+        raise ConfigError(f"config.sampling.runs.{taken[0]}: the name is reserved for the distilled student")
+    for k in sampled:  # a configured ddim_<k> is the student's paired teacher run: it must be that run
+        run = dict(cfg.sampling.runs.get(f"ddim_{k}", {}) or {})
+        if run and (run.get("method") != "ddim" or run.get("eta", 0.0) != 0.0
+                    or float(run.get("t_min", METHOD_DEFAULTS["ddim"]["t_min"])) != float(cfg.distill.t_min)):
+            raise ConfigError(f"config.sampling.runs.ddim_{k}={run!r}: beside the {k}-step student it must be the "
+                              f"teacher's deterministic DDIM on the student's grid (eta 0, t_min "
+                              f"{cfg.distill.t_min}); rename that run")
 
 
 def validate_sampling(cfg, *, num_devices: int = 1) -> None:
@@ -198,3 +269,4 @@ def validate_common(cfg, *, num_devices: int = 1, train_sections: tuple[str, ...
     for section in train_sections:
         validate_train(cfg, num_devices=num_devices, section=section)
     validate_sampling(cfg, num_devices=num_devices)
+    validate_distill(cfg, train_sections=train_sections)

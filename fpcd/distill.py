@@ -18,21 +18,20 @@ The student is trained on ``w(t) |x~ - x0_student|^2`` with the truncated-SNR we
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
 from fpcd.nets import PREDICTIONS, apply_batched, score_fn_from
 from fpcd.sde import VPSDE, broadcast_time, mask_or_ones
-from fpcd.train import StateDonatingStep, TrainState, apply_gradients, copy_arrays, init_train_state
+from fpcd.train import StateDonatingStep, TrainState, copy_arrays, draw_rows, init_train_state, make_step
 
 
 def student_grid(steps: int, t_min: float = 1e-3):
     """The student's DDIM grid ``linspace(1, t_min, steps + 1)``: ``(steps + 1,)``.
 
-    Computed as ``1 - i (1 - t_min) / steps``, the same arithmetic as the ``ddim`` sampler of
-    :func:`fpcd.sampling.sample`, so a student is trained on exactly the times it samples at. The
+    Computed as ``1 - i (1 - t_min) / steps``, as the ``ddim`` sampler of :func:`fpcd.sampling.sample`
+    does, so a student is trained on the times it samples at (to float32 rounding). The
     round's teacher runs ``2 * steps`` on the same endpoints: its odd times are the midpoints.
     """
     h = (1.0 - t_min) / steps
@@ -100,18 +99,20 @@ def truncated_snr_weight(sde: VPSDE, t):
 
 
 def distillation_terms(student_model, teacher_score_fn, sde: VPSDE, x, key, *, steps: int, t_min: float,
-                       mask=None, cond=None, prediction: str = "v"):
+                       mask=None, cond=None, prediction: str = "v", rows=None):
     """``(weighted sum of squared x-errors over real entries, number of real entries)`` of
-    :func:`distillation_loss`."""
+    :func:`distillation_loss`. With ``rows = (offset, global_batch)`` the student steps and noise
+    are those rows of the global batch's draws (:func:`fpcd.train.draw_rows`), so that the terms
+    of the shards of a batch sum to the terms of the whole batch."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     k_i, k_eps = jax.random.split(key)
     m = mask_or_ones(mask, x)
-    i = jax.random.randint(k_i, (x.shape[0],), 0, steps)
+    i = draw_rows(lambda k, shape: jax.random.randint(k, shape, 0, steps), k_i, (x.shape[0],), rows)
     t, t_mid, t_next = grid_times(i, steps, t_min)
     t, t_mid, t_next = (s.astype(x.dtype) for s in (t, t_mid, t_next))
     alpha, sigma = sde.marginal(broadcast_time(t, x))
-    eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
+    eps = draw_rows(lambda k, shape: jax.random.normal(k, shape, x.dtype), k_eps, x.shape, rows) * m
     z_t = alpha * (x * m) + sigma * eps
     target = jax.lax.stop_gradient(distillation_target(teacher_score_fn, sde, z_t, t, t_mid, t_next, mask=mask))
     output = apply_batched(student_model, z_t, t, mask=mask, cond=cond)
@@ -166,36 +167,26 @@ def make_distill_step(
     teacher_prediction: str = "v",
     prediction: str = "v",
     ema_decay: float = 0.999,
-):
-    """Build the jitted distillation step ``(state, batch) -> (state, metrics)`` (single device).
+    mesh=None,
+) -> StateDonatingStep:
+    """Build the jitted distillation step ``(state, batch) -> (state, metrics)`` of a ``steps``-step student.
 
-    Mirrors :func:`fpcd.train.make_train_step`: the state is a :class:`~fpcd.train.TrainState` of
-    the student (donated), the step key is ``fold_in(key, step)``, the EMA is updated after the
-    optimiser. ``teacher`` is the teacher network (``teacher_prediction`` parametrisation); its
-    score function is built per batch with the batch's ``"mask"`` and ``"cond"``. The teacher is
-    passed to the jitted function as an argument (not baked in as a constant) and not donated;
-    start the state with :func:`init_student_state` so that it shares no buffer with the teacher.
-    ``metrics`` holds ``loss`` and ``grad_norm``.
+    Mirrors :func:`fpcd.train.make_train_step` (it is :func:`fpcd.train.make_step` of
+    :func:`distillation_terms`): the state is a :class:`~fpcd.train.TrainState` of the student
+    (donated), the step key is ``fold_in(key, step)``, the EMA is updated after the optimiser, and
+    with a ``mesh`` of several devices the batch arrives sharded along ``"data"`` and one
+    all-reduce sums the per-device gradients; the result does not depend on the number of devices.
+    ``teacher`` is the teacher network (``teacher_prediction`` parametrisation; replicate it over
+    ``mesh``); its score function is built per batch with the batch's ``"mask"`` and ``"cond"``.
+    The teacher is passed to the compiled step as an argument (not baked in as a constant) and
+    not donated; start the state with :func:`init_student_state` so that it shares no buffer with
+    the teacher. ``metrics`` holds ``loss`` and ``grad_norm``.
     """
 
-    def step(inputs, state: TrainState):
-        batch, teacher_model = inputs
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), state.step)
+    def terms(model, batch, key, rows, teacher_model):
         teacher_score_fn = score_fn_from(teacher_model, sde, prediction=teacher_prediction,
                                          mask=batch.get("mask"), cond=batch.get("cond"))
+        return distillation_terms(model, teacher_score_fn, sde, batch["x"], key, steps=steps, t_min=t_min,
+                                  mask=batch.get("mask"), cond=batch.get("cond"), prediction=prediction, rows=rows)
 
-        def loss_fn(model):
-            return distillation_loss(model, teacher_score_fn, sde, batch["x"], key, steps=steps, t_min=t_min,
-                                     mask=batch.get("mask"), cond=batch.get("cond"), prediction=prediction)
-
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
-        new_state = apply_gradients(state, grads, optimizer, ema_decay)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    jitted = eqx.filter_jit(step, donate="all-except-first")
-
-    def batch_first(batch, state):
-        return jitted((batch, teacher), state)
-
-    batch_first.lower = lambda batch, state: jitted.lower((batch, teacher), state)
-    return StateDonatingStep(batch_first)
+    return make_step(terms, optimizer, ema_decay=ema_decay, mesh=mesh, constants=teacher)

@@ -9,13 +9,21 @@ batches (:meth:`~Experiment.stages`), how one sampler run generates samples thro
 * ``mode="train"``: validate the config, claim the workdir, train every stage in order, each
   resuming from its newest checkpoint (``checkpoints/<stage>``), logging to ``train_log.jsonl``,
   TensorBoard event files (``tensorboard/<stage>``) and ``loss_curves.png``.
+* ``mode="distill"``: progressive distillation (:mod:`fpcd.distill`) of every stage's trained EMA
+  model, ``config.distill.rounds`` rounds from ``config.distill.teacher_steps`` DDIM steps down,
+  each round a checkpointed, resumable stage ``<stage>_student_<steps>`` trained like the others
+  (data-parallel, EMA, log rows, ``distill_loss_curves.png``) and started from the previous
+  round's student.
 * ``mode="sample"``: restore every stage's EMA model and run every sampler of
   ``config.sampling.runs`` through :meth:`~Experiment.generate`, timed, for every sample group
-  (e.g. jet type); write ``samples.h5`` (or ``samples_<group>.h5``): each run's arrays under
-  ``runs/<name>/``, the first run's also at the top level (the public layout of the data).
+  (e.g. jet type); with distillation rounds, also each student of ``config.distill.sample_steps``
+  (run ``student_<k>``: DDIM in ``k`` steps through every stage's student) beside the teacher's
+  own DDIM in ``k`` steps (run ``ddim_<k>``). Write ``samples.h5`` (or ``samples_<group>.h5``):
+  each run's arrays under ``runs/<name>/``, the first run's also at the top level (the public
+  layout of the data).
 * ``mode="eval"``: read the samples back and evaluate; write ``metrics.json`` and print the
   experiment's console table.
-* ``mode="all"``: the three in order.
+* ``mode="all"``: train, distill (when the config has rounds), sample and evaluate.
 
 Multi-process jobs (``jax.distributed``): every process runs the same code on the same host
 data; each builds only its own rows of each training batch (:func:`process_rows`) and feeds them
@@ -29,6 +37,7 @@ import abc
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -36,12 +45,14 @@ import equinox as eqx
 import h5py
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fpcd.checkpoint import Checkpointer
-from fpcd.config import ConfigError, require_strings, validate_common
+from fpcd.config import DISTILL_OPTIMISATION_FIELDS, ConfigError, require_strings, student_steps, validate_common
+from fpcd.distill import init_student_state, make_distill_step
 from fpcd.io import atomic_write, write_json
 from fpcd.parallel import batch_sharding, replicate, shard_batch
 from fpcd.sampling import sample
@@ -52,7 +63,8 @@ CONFIG_FILE = "config.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 TRAIN_INFO_FILE = "train_info.json"
 METRICS_FILE = "metrics.json"
-MODES = ("train", "sample", "eval", "all")
+MODES = ("train", "distill", "sample", "eval", "all")
+DISTILL_CURVES_FILE = "distill_loss_curves.png"
 
 
 def is_main_process() -> bool:
@@ -70,6 +82,25 @@ def say(message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Teacher:
+    """What a distillation stage learns from (:mod:`fpcd.distill`).
+
+    Attributes:
+      model: the teacher network (the trained EMA model, or the previous round's student); it
+        samples with deterministic DDIM in ``2 * student_steps`` steps.
+      student_steps: the student's number of DDIM steps.
+      t_min: the end of the DDIM grid.
+      provenance: dotted config fields that made the teacher (its training sections, the
+        distillation settings); a student checkpoint saved under other values is refused.
+    """
+
+    model: eqx.Module
+    student_steps: int
+    t_min: float
+    provenance: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """One trained model of an experiment.
 
@@ -83,6 +114,8 @@ class Stage:
         ``(step, rows)`` so that a resumed or multi-process run sees the same data.
       probe_batch: optional ``rows -> batch`` of the largest shape the stage trains on; when
         given, the runner records the compiled train step's planned memory (``train_info.json``).
+      teacher: None for a trained model; a :class:`Teacher` for a distillation student, which
+        starts from a copy of the teacher and is trained on the distillation loss.
     """
 
     name: str
@@ -91,6 +124,7 @@ class Stage:
     key: jax.Array
     batch: Callable[[int, slice], dict]
     probe_batch: Callable[[slice], dict] | None = None
+    teacher: Teacher | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,15 +316,20 @@ def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) 
     if saved.get("experiment") != config.get("experiment"):
         raise ConfigError(f"workdir {workdir} holds a run of the {saved.get('experiment')!r} experiment, not "
                           f"{config.get('experiment')!r}; choose another --workdir")
-    previous, current = _flatten(saved), _flatten(json.loads(json.dumps(config)))
-    keys = sorted(k for k in set(previous) | set(current)
-                  if any(k == p or k.startswith(p + ".") for p in identity_fields))
-    differing = [k for k in keys if previous.get(k) != current.get(k)]
-    if differing:
-        details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
+    details = config_differences(saved, config, identity_fields)
+    if details:
         raise ConfigError(f"workdir {workdir} holds a run of a different config ({details}); "
                           "choose another --workdir or remove that one")
     return True
+
+
+def config_differences(saved: dict, config: dict, fields: tuple[str, ...]) -> str:
+    """The fields under the dotted prefixes ``fields`` where ``saved`` and ``config`` differ, as
+    ``"field: old -> new, ..."`` (at most five), or ``""``."""
+    previous, current = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+    keys = sorted(k for k in set(previous) | set(current) if any(k == p or k.startswith(p + ".") for p in fields))
+    differing = [k for k in keys if previous.get(k) != current.get(k)]
+    return ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
 
 
 def prepare_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) -> None:
@@ -321,12 +360,21 @@ def _optimizer_options(train_cfg) -> dict:
 
 
 def make_stage_state(stage: Stage, sde: VPSDE, mesh):
-    """(fresh train state replicated on ``mesh``, jitted train step) of ``stage``."""
+    """(fresh train state replicated on ``mesh``, jitted train step) of ``stage``: the denoising
+    score-matching step, or for a student (``stage.teacher``) the distillation step, whose state
+    starts as a copy of the teacher."""
     t = stage.train
     optimizer = make_optimizer(**_optimizer_options(t), grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
-    state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
-    step_fn = make_train_step(sde, optimizer, prediction=t.prediction, ema_decay=t.ema_decay, t_min=t.t_min,
-                              mesh=mesh)
+    if stage.teacher is None:
+        state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
+        step_fn = make_train_step(sde, optimizer, prediction=t.prediction, ema_decay=t.ema_decay, t_min=t.t_min,
+                                  mesh=mesh)
+        return state, step_fn
+    teacher = stage.teacher
+    state = replicate(init_student_state(teacher.model, optimizer, stage.key), mesh)
+    step_fn = make_distill_step(sde, optimizer, replicate(teacher.model, mesh), steps=teacher.student_steps,
+                                t_min=teacher.t_min, teacher_prediction=t.prediction, prediction=t.prediction,
+                                ema_decay=t.ema_decay, mesh=mesh)
     return state, step_fn
 
 
@@ -422,6 +470,13 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
     with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
                       max_to_keep=t.keep_checkpoints, config=config) as checkpointer:
         restored = checkpointer.restore(state)
+        if restored is not None and stage.teacher is not None and stage.teacher.provenance:
+            saved = checkpointer.saved_config()
+            details = "" if saved is None else config_differences(saved, config, stage.teacher.provenance)
+            if details:
+                raise ConfigError(f"{checkpoint_dir(workdir, stage.name)} holds a student distilled from another "
+                                  f"teacher or with other settings ({details}); remove the checkpoints/*_student_* "
+                                  "directories to distil again, or use another --workdir")
         if restored is not None:
             state = restored
             say(f"[{stage.name}] resuming from checkpoint at step {int(state.step)}")
@@ -439,15 +494,16 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
                    "step_memory_bytes": memory}
 
 
-def restore_stage(stage: Stage, sde: VPSDE, mesh, workdir: str):
-    """The newest checkpointed train state of ``stage``; :class:`ConfigError` when there is none."""
+def restore_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, hint: str = "run with --mode=train first"):
+    """The newest checkpointed train state of ``stage``; :class:`ConfigError` (ending in ``hint``)
+    when there is none."""
     state, _ = make_stage_state(stage, sde, mesh)
     t = stage.train
     with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
                       max_to_keep=t.keep_checkpoints) as checkpointer:
         restored = checkpointer.restore(state)
     if restored is None:
-        raise ConfigError(f"no checkpoint of stage {stage.name!r} in {workdir}; run with --mode=train first")
+        raise ConfigError(f"no checkpoint of stage {stage.name!r} in {workdir}; {hint}")
     return restored
 
 
@@ -486,11 +542,89 @@ def train(experiment: Experiment, stages, mesh, workdir: str) -> dict:
             models[stage.name] = state.ema_model
     finally:
         log.close()
+    _plot_losses(workdir, {stage.name for stage in stages}, "loss_curves.png")
+    return models
+
+
+def _plot_losses(workdir: str, stage_names: set, filename: str) -> None:
     if is_main_process():
         from fpcd.plots.common import loss_curves
 
-        loss_curves(read_train_log(workdir), os.path.join(workdir, "loss_curves.png"))
-    return models
+        loss_curves([r for r in read_train_log(workdir) if r["stage"] in stage_names], os.path.join(workdir, filename))
+
+
+# --- progressive distillation ----------------------------------------------------------------------
+
+
+def student_name(stage_name: str, steps: int) -> str:
+    """The name of ``stage_name``'s ``steps``-step student (checkpoints, log rows, ``train_info.json``)."""
+    return f"{stage_name}_student_{steps}"
+
+
+def is_student(stage_name: str) -> bool:
+    """True for the name of a distillation stage (:func:`student_name`)."""
+    return re.fullmatch(r".+_student_\d+", stage_name) is not None
+
+
+def student_stage(experiment: Experiment, stage: Stage, steps: int, teacher_model) -> Stage:
+    """The distillation stage of ``stage``'s ``steps``-step student of ``teacher_model``: the stage's
+    training batches and batch size, the optimisation fields of ``config.distill``, the stage's
+    parametrisation; its key is ``fold_in(stage.key, steps)``."""
+    d = experiment.cfg.distill
+    train = {**stage.train.to_dict(), **{field: d[field] for field in DISTILL_OPTIMISATION_FIELDS}}
+    provenance = experiment.TRAIN_SECTIONS + tuple(f"distill.{f}" for f in ("teacher_steps", "t_min",
+                                                                            *DISTILL_OPTIMISATION_FIELDS)
+                                                   if f not in ("log_every", "checkpoint_every", "keep_checkpoints"))
+    return dataclasses.replace(stage, name=student_name(stage.name, steps), train=ml_collections.ConfigDict(train),
+                               key=jax.random.fold_in(stage.key, steps), probe_batch=None,
+                               teacher=Teacher(teacher_model, int(steps), float(d.t_min), provenance))
+
+
+def distill(experiment: Experiment, stages, teachers: dict, mesh, workdir: str) -> dict:
+    """Progressive distillation of every stage (Salimans & Ho 2022) through ``config.distill.rounds``
+    rounds: round ``r`` trains a ``teacher_steps / 2**r``-step student of the previous round's
+    student (round 1: of ``teachers[stage]``, the trained EMA model), each round a checkpointed
+    stage resumed from its newest checkpoint. Returns ``student steps -> stage name -> the
+    student's EMA model``."""
+    cfg = experiment.cfg
+    rounds = student_steps(cfg)
+    for stage in stages:
+        with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=1) as checkpointer:
+            trained = checkpointer.latest_step() or 0
+        if trained < stage.train.num_steps:
+            raise ConfigError(f"stage {stage.name!r} has trained {trained} of its {stage.train.num_steps} steps; "
+                              "finish training (--mode=train) before distilling it")
+    students = {steps: {} for steps in rounds}
+    log = TrainLog(workdir)
+    try:
+        for stage in stages:
+            teacher = teachers[stage.name]
+            for r, steps in enumerate(rounds, 1):
+                student = student_stage(experiment, stage, steps, teacher)
+                say(f"[distill] {stage.name}, round {r}/{len(rounds)}: DDIM {2 * steps} -> {steps} steps")
+                state, info = train_stage(student, experiment.sde, mesh, workdir, config=cfg.to_dict(), log=log,
+                                          progress=experiment.progress)
+                _record_training(workdir, student.name, info)
+                teacher = students[steps][stage.name] = state.ema_model
+    finally:
+        log.close()
+    _plot_losses(workdir, {student_name(stage.name, k) for stage in stages for k in rounds}, DISTILL_CURVES_FILE)
+    return students
+
+
+def restore_students(experiment: Experiment, stages, mesh, workdir: str, steps: tuple[int, ...]) -> dict:
+    """``student steps -> stage name -> EMA model`` of the students of ``steps``, from ``workdir``."""
+    return {k: {stage.name: restore_stage(student_stage(experiment, stage, k, stage.model), experiment.sde, mesh,
+                                          workdir, hint="run with --mode=distill (or all) first, or set "
+                                                        "--config.distill.rounds=0").ema_model
+                for stage in stages}
+            for k in steps}
+
+
+def sampled_students(cfg) -> tuple[int, ...]:
+    """The student steps that are sampled and evaluated (``config.distill.sample_steps``; none
+    without rounds)."""
+    return tuple(cfg.distill.sample_steps) if student_steps(cfg) else ()
 
 
 # --- sampling --------------------------------------------------------------------------------------
@@ -585,25 +719,52 @@ def run_key(sampling_key, groups: tuple[str, ...], group_index: int, run_index: 
     return jax.random.fold_in(jax.random.fold_in(sampling_key, group_index), run_index)
 
 
+def student_runs(cfg, runs: dict, students) -> list[tuple[str, dict, str | int, int, dict]]:
+    """``(name, run, models, key index, info)`` of every run: ``runs`` with the teacher's models
+    (``"teacher"``), then for each student steps ``k`` of ``students`` the teacher's own DDIM in
+    ``k`` steps (``ddim_<k>``, unless ``runs`` has it) and the student (``student_<k>``, models
+    ``k``, ``info`` naming its teachers). A student draws with the key of the teacher's
+    ``ddim_<k>``: the same prior noise, so that the two differ by the distillation alone."""
+    entries = [(name, dict(run), "teacher", i, {}) for i, (name, run) in enumerate(runs.items())]
+    for steps in students:
+        ddim = {"method": "ddim", "steps": int(steps), "t_min": float(cfg.distill.t_min)}
+        names = [e[0] for e in entries]
+        if f"ddim_{steps}" not in names:
+            entries.append((f"ddim_{steps}", ddim, "teacher", len(entries), {}))
+        paired = entries[[e[0] for e in entries].index(f"ddim_{steps}")][3]
+        entries.append((f"student_{steps}", ddim, steps, paired,
+                        {"student": True, "teacher_steps": 2 * int(steps),
+                         "distilled_from_steps": int(cfg.distill.teacher_steps)}))
+    return entries
+
+
+def run_names(cfg) -> list[str]:
+    """Names of every run ``--mode=sample`` makes: ``config.sampling.runs`` then, with distillation
+    rounds, ``ddim_<k>`` (unless already a run) and ``student_<k>`` for each sampled student."""
+    return [entry[0] for entry in student_runs(cfg, dict(cfg.sampling.runs), sampled_students(cfg))]
+
+
 def generate_all(experiment: Experiment, data, models: dict, mesh, *, sample_fn: Callable = sample,
-                 runs: dict | None = None) -> dict:
-    """Every sampler run of ``runs`` (default ``config.sampling.runs``) for every sample group:
+                 runs: dict | None = None, students: dict | None = None) -> dict:
+    """Every sampler run of ``runs`` (default ``config.sampling.runs``) for every sample group, and
+    the runs of ``students`` (``steps -> stage name -> model``, see :func:`student_runs`):
     ``group -> run name -> RunSamples``."""
     runs = dict(experiment.cfg.sampling.runs if runs is None else runs)
+    entries = student_runs(experiment.cfg, runs, students or {})
     groups = experiment.sample_groups(data)
     sampler = BatchSampler(experiment.sde, mesh, experiment.progress, sample_fn)
     samples = {}
     for g_index, group in enumerate(groups):
         samples[group] = {}
-        for r_index, (name, run_cfg) in enumerate(runs.items()):
-            run = dict(run_cfg)
+        for name, run, which, key_index, extra in entries:
             start = time.perf_counter()
-            arrays, info = experiment.generate(data, models, group, run,
-                                               run_key(experiment.key("sampling"), groups, g_index, r_index), sampler)
+            arrays, info = experiment.generate(data, models if which == "teacher" else students[which], group,
+                                               dict(run), run_key(experiment.key("sampling"), groups, g_index, key_index),
+                                               sampler)
             label = f"{group} {name}" if group else name
             say(f"[sample] {label}: NFE {info['nfe']}, {info['seconds']:.2f} s sampling, "
                 f"{time.perf_counter() - start:.1f} s with compilation")
-            samples[group][name] = RunSamples(arrays, info, run)
+            samples[group][name] = RunSamples(arrays, {**info, **extra}, run)
     return samples
 
 
@@ -644,7 +805,7 @@ def read_samples(path: str) -> dict:
 
 
 def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) -> dict | None:
-    """Run ``mode`` (``train``, ``sample``, ``eval`` or ``all``) of ``experiment`` in ``workdir``.
+    """Run ``mode`` (``train``, ``distill``, ``sample``, ``eval`` or ``all``) of ``experiment`` in ``workdir``.
 
     Returns the metrics (``eval`` and ``all``) or None. Raises :class:`ConfigError` for a bad
     config, a workdir of another run, or a mode that needs a run the workdir does not hold.
@@ -653,22 +814,32 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
         raise ConfigError(f"--mode={mode!r} is not one of {MODES}")
     cfg = experiment.cfg
     experiment.validate(mesh.devices.size)
+    if mode == "distill" and not student_steps(cfg):
+        raise ConfigError("--mode=distill: config.distill.rounds is 0; set e.g. --config.distill.rounds=3"
+                          if "distill" in cfg else "--mode=distill: this config has no distill section")
     config = cfg.to_dict()
-    if mode in ("sample", "eval") and not check_workdir(workdir, config, experiment.IDENTITY_FIELDS):
+    if mode in ("distill", "sample", "eval") and not check_workdir(workdir, config, experiment.IDENTITY_FIELDS):
         raise ConfigError(f"workdir {workdir} holds no run; run with --mode=train (or all) first")
     data = experiment.load_data()
     prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
     stages = experiment.stages(data)
-    models = None
+    models = students = None
     if mode in ("train", "all"):
         models = train(experiment, stages, mesh, workdir)
         if mode == "train":
             return None
     if models is None:
         models = restore_models(experiment, stages, mesh, workdir)
+    if mode == "distill" or (mode == "all" and student_steps(cfg)):
+        students = distill(experiment, stages, models, mesh, workdir)
+        if mode == "distill":
+            return None
     groups = experiment.sample_groups(data)
     if mode in ("sample", "all"):
-        samples = generate_all(experiment, data, models, mesh)
+        wanted = sampled_students(cfg)
+        students = ({k: students[k] for k in wanted} if students is not None
+                    else restore_students(experiment, stages, mesh, workdir, wanted))
+        samples = generate_all(experiment, data, models, mesh, students=students)
         for group in groups:
             write_samples(os.path.join(workdir, experiment.samples_file(group)), samples[group],
                           experiment.samples_attrs(group))

@@ -55,13 +55,14 @@ def copy_arrays(tree):
 def init_train_state(model, optimizer: optax.GradientTransformation, key) -> TrainState:
     """Fresh state at step 0: the EMA starts at (a copy of) the model, ``key`` seeds every later step.
 
-    The EMA holds its own buffers so that the train step can donate the whole state.
+    The EMA and the key data hold their own buffers so that the train step can donate the whole
+    state without deleting ``key``.
     """
     return TrainState(
         model=model,
         ema_model=copy_arrays(model),
         opt_state=optimizer.init(eqx.filter(model, eqx.is_inexact_array)),
-        key_data=jax.random.key_data(key),
+        key_data=jnp.copy(jax.random.key_data(key)),
         step=jnp.zeros((), jnp.int32),
     )
 
@@ -106,26 +107,33 @@ def antithetic_times(key, batch_size: int, t_min: float):
     return t_min + (1.0 - t_min) * jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
 
 
+def draw_rows(draw: Callable, key, shape: tuple, rows=None):
+    """``draw(key, shape)`` for a batch, or this shard's rows of the global batch's draw.
+
+    With ``rows = (offset, global_batch)`` the draw is made for ``(global_batch, *shape[1:])`` and
+    rows ``offset : offset + shape[0]`` are returned, so the draws of every shard of a sharded
+    batch are those of the whole batch (the result does not depend on the number of devices).
+    """
+    if rows is None:
+        return draw(key, tuple(shape))
+    offset, global_batch = rows
+    return jax.lax.dynamic_slice_in_dim(draw(key, (global_batch,) + tuple(shape[1:])), offset, shape[0])
+
+
 def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
               rows=None):
     """``(sum of squared errors over real entries, number of real entries)`` of :func:`dsm_loss`.
 
     With ``rows = (offset, global_batch)``, ``x`` holds rows ``offset : offset + len(x)`` of a batch
     of ``global_batch`` rows, and the diffusion times and noise are those rows of the global
-    batch's draws: the terms of every shard sum to the terms of the whole batch.
+    batch's draws (:func:`draw_rows`): the terms of every shard sum to the terms of the whole batch.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     k_t, k_eps = jax.random.split(key)
     m = mask_or_ones(mask, x)
-    if rows is None:
-        t = antithetic_times(k_t, x.shape[0], t_min)
-        eps = jax.random.normal(k_eps, x.shape, x.dtype) * m
-    else:
-        offset, global_batch = rows
-        t = jax.lax.dynamic_slice_in_dim(antithetic_times(k_t, global_batch, t_min), offset, x.shape[0])
-        noise = jax.random.normal(k_eps, (global_batch,) + x.shape[1:], x.dtype)
-        eps = jax.lax.dynamic_slice_in_dim(noise, offset, x.shape[0]) * m
+    t = draw_rows(lambda k, shape: antithetic_times(k, shape[0], t_min), k_t, (x.shape[0],), rows)
+    eps = draw_rows(lambda k, shape: jax.random.normal(k, shape, x.dtype), k_eps, x.shape, rows) * m
     alpha, sigma = sde.marginal(broadcast_time(t, x))
     x = x * m
     x_t = alpha * x + sigma * eps
@@ -148,25 +156,29 @@ def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str
     return total / jnp.maximum(count, 1.0)
 
 
-def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float):
-    """``(loss, grads)`` of :func:`dsm_loss` over a batch sharded along ``mesh``'s ``"data"`` axis.
+def sharded_terms_and_grads(terms_fn: Callable, model, batch, key, mesh, constants=None):
+    """``(loss, grads)`` of ``sum(total) / sum(count)`` over a batch sharded along ``mesh``'s ``"data"`` axis.
 
-    Each device differentiates the terms of its own rows (:func:`dsm_terms`), then one all-reduce
-    sums every gradient, flattened into one vector, with the loss terms. XLA's own partitioning
-    of :func:`dsm_loss` all-reduces each parameter's gradient separately, which costs a round trip
-    per parameter array: ~20x slower per step over gloo between processes on CPU.
+    ``terms_fn(model, batch, key, rows, constants) -> (total, count)`` gives the summed loss terms
+    and their number for the rows of the batch it is handed (``rows = (offset, global_batch)``,
+    see :func:`draw_rows`). Each device differentiates the terms of its own rows, then one
+    all-reduce sums every gradient, flattened into one vector, with the loss terms. XLA's own
+    partitioning of the loss all-reduces each parameter's gradient separately, which costs a
+    round trip per parameter array: ~20x slower per step over gloo between processes on CPU.
+    ``constants`` (e.g. a distillation teacher) are replicated and not differentiated.
     """
     dynamic, static = eqx.partition(model, eqx.is_array)
+    const_dynamic, const_static = eqx.partition(constants, eqx.is_array)
     key_data = jax.random.key_data(key)
     spec = jax.sharding.PartitionSpec(DATA_AXIS)
 
-    def per_device(dynamic, batch, key_data):
+    def per_device(dynamic, batch, key_data, const_dynamic):
         size = batch["x"].shape[0]
         rows = (jax.lax.axis_index(DATA_AXIS) * size, size * jax.lax.psum(1, DATA_AXIS))
+        consts = eqx.combine(const_dynamic, const_static)
 
         def terms(model):
-            return dsm_terms(model, sde, batch["x"], jax.random.wrap_key_data(key_data), mask=batch.get("mask"),
-                             cond=batch.get("cond"), prediction=prediction, t_min=t_min, rows=rows)
+            return terms_fn(model, batch, jax.random.wrap_key_data(key_data), rows, consts)
 
         (total, count), grads = eqx.filter_value_and_grad(terms, has_aux=True)(eqx.combine(dynamic, static))
         flat, unravel = ravel_pytree(grads)
@@ -175,9 +187,23 @@ def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: s
         return summed[-2] / count, unravel(summed[:-2] / count)
 
     replicated = jax.sharding.PartitionSpec()
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated, jax.tree_util.tree_map(lambda _: spec, batch),
-                                                          replicated),
-                         out_specs=replicated, check_vma=False)(dynamic, batch, key_data)
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(replicated, jax.tree_util.tree_map(lambda _: spec, batch), replicated, replicated),
+                         out_specs=replicated, check_vma=False)(dynamic, batch, key_data, const_dynamic)
+
+
+def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float):
+    """``(loss, grads)`` of :func:`dsm_loss` over a batch sharded along ``mesh``'s ``"data"`` axis
+    (:func:`sharded_terms_and_grads` of :func:`dsm_terms`)."""
+    return sharded_terms_and_grads(_dsm_batch_terms(sde, prediction, t_min), model, batch, key, mesh)
+
+
+def _dsm_batch_terms(sde: VPSDE, prediction: str, t_min: float):
+    def terms(model, batch, key, rows, constants):
+        return dsm_terms(model, sde, batch["x"], key, mask=batch.get("mask"), cond=batch.get("cond"),
+                         prediction=prediction, t_min=t_min, rows=rows)
+
+    return terms
 
 
 def ema_update(ema_model, model, decay: float):
@@ -197,6 +223,40 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
                       key_data=state.key_data, step=state.step + 1)
 
 
+def make_step(terms_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decay: float, mesh=None,
+              constants=None) -> "StateDonatingStep":
+    """Build the jitted pure step ``(state, batch) -> (state, metrics)`` minimising a sum of loss terms.
+
+    ``terms_fn(model, batch, key, rows, constants) -> (total, count)``: the summed loss terms of the
+    batch's rows and their number (``rows`` is None, or ``(offset, global_batch)`` for a shard, see
+    :func:`draw_rows`); the loss is ``total / count``. The step key is ``fold_in(state key, step)``.
+    With a ``mesh`` of several devices the batch arrives sharded along ``"data"``, each device
+    differentiates its own rows and one all-reduce sums the gradients
+    (:func:`sharded_terms_and_grads`); the new state is replicated over the mesh. ``constants`` (a
+    pytree, e.g. a distillation teacher) are passed to the compiled step as arguments, neither
+    donated nor differentiated. ``metrics`` holds ``loss`` and ``grad_norm``.
+    """
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(inputs, state: TrainState):
+        batch, consts = inputs
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), state.step)
+        if mesh is None or mesh.devices.size == 1:
+            def loss_fn(model):
+                total, count = terms_fn(model, batch, key, None, consts)
+                return total / jnp.maximum(count, 1.0)
+
+            loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
+        else:
+            loss, grads = sharded_terms_and_grads(terms_fn, state.model, batch, key, mesh, consts)
+        new_state = apply_gradients(state, grads, optimizer, ema_decay)
+        if replicated is not None:
+            new_state = eqx.filter_shard(new_state, replicated)
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return StateDonatingStep(eqx.filter_jit(step, donate="all-except-first"), constants)
+
+
 def make_train_step(
     sde: VPSDE,
     optimizer: optax.GradientTransformation,
@@ -206,7 +266,7 @@ def make_train_step(
     t_min: float = 1e-5,
     mesh=None,
 ):
-    """Build the jitted pure step ``(state, batch) -> (state, metrics)``.
+    """Build the jitted pure denoising-score-matching step ``(state, batch) -> (state, metrics)``.
 
     ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With a ``mesh`` of
     several devices the batch arrives sharded along ``"data"``, each device differentiates its own
@@ -217,46 +277,23 @@ def make_train_step(
     passing it in. The batch is not donated. ``step.lower(state, batch)`` lowers it (e.g. for
     XLA's memory analysis).
     """
-    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def step(state: TrainState, batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), state.step)
-
-        def loss_fn(model):
-            return dsm_loss(
-                model, sde, batch["x"], key, mask=batch.get("mask"), cond=batch.get("cond"),
-                prediction=prediction, t_min=t_min,
-            )
-
-        if mesh is None or mesh.devices.size == 1:
-            loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
-        else:
-            loss, grads = sharded_loss_and_grads(state.model, sde, batch, key, mesh, prediction=prediction,
-                                                 t_min=t_min)
-        new_state = apply_gradients(state, grads, optimizer, ema_decay)
-        if replicated is not None:
-            new_state = eqx.filter_shard(new_state, replicated)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    def batch_first(batch, state):
-        return step(state, batch)
-
-    return StateDonatingStep(eqx.filter_jit(batch_first, donate="all-except-first"))
+    return make_step(_dsm_batch_terms(sde, prediction, t_min), optimizer, ema_decay=ema_decay, mesh=mesh)
 
 
 class StateDonatingStep:
-    """``(state, batch) -> (state, metrics)`` around a jitted ``(batch, state)`` function that donates
-    every argument but the first (Equinox's ``donate="all-except-first"``): the state is donated,
-    the batch kept."""
+    """``(state, batch) -> (state, metrics)`` around a jitted ``((batch, constants), state)`` function
+    that donates every argument but the first (Equinox's ``donate="all-except-first"``): the state
+    is donated, the batch and the constants kept."""
 
-    def __init__(self, batch_first):
-        self._batch_first = batch_first
+    def __init__(self, jitted, constants=None):
+        self._jitted = jitted
+        self._constants = constants
 
     def __call__(self, state, batch):
-        return self._batch_first(batch, state)
+        return self._jitted((batch, self._constants), state)
 
     def lower(self, state, batch):
-        return self._batch_first.lower(batch, state)
+        return self._jitted.lower((batch, self._constants), state)
 
 
 def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from fpcd.data import calo_transforms as transforms
 from fpcd.experiments.calo import CaloExperiment, w1_block
 from fpcd.metrics import calo as calo_metrics
 from fpcd.parallel import data_mesh
-from fpcd.runner import BatchSampler, run_key
+from fpcd.runner import BatchSampler, run_key, run_names
 from fpcd.sampling import nfe_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +48,12 @@ def test_tiny_runs_write_every_output(runs, which):
     workdir = cloud if which == "cloud" else image
     cfg = calo_config.get_config("tiny" if which == "cloud" else "tiny,image")
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert metrics["representation"] == which and set(metrics["runs"]) == set(cfg.sampling.runs)
+    names = run_names(cfg)  # the cloud distils both stages: ddim_1 and student_1 too
+    assert metrics["representation"] == which and list(metrics["runs"]) == names
+    assert ("student_1" in names) == (which == "cloud")
     levels = ("cell", "voxel") if which == "cloud" else ("voxel",)
     for name, r in metrics["runs"].items():
-        run = dict(cfg.sampling.runs[name])
+        run = {"method": r["method"], **r["options"]}
         expected = nfe_of(run.pop("method"), **run)
         assert r["nfe"] == expected if expected is not None else r["nfe"] > 6
         assert r["seconds"] > 0 and r["ms_per_shower"] > 0
@@ -70,7 +72,7 @@ def test_tiny_runs_write_every_output(runs, which):
     mask = showers.mask
     assert np.all(showers.cells[..., 0][mask] >= 0)
     with h5py.File(workdir / "samples.h5", "r") as f:
-        assert set(f["runs"]) == set(cfg.sampling.runs)
+        assert set(f["runs"]) == set(names)
         assert f["voxels"].shape == (cfg.sampling.num_samples, 11, 11, 11)
     for level in levels:
         for prefix in ("observables", "profiles"):
@@ -84,9 +86,11 @@ def test_two_process_run_prints_and_logs_once(runs):
     assert proc.stdout.count("results in") == 1 and proc.stdout.count("truth vs truth AUC") == 1
     cfg = calo_config.get_config("tiny")
     rows = [json.loads(line) for line in (cloud / "train_log.jsonl").read_text().splitlines()]
-    for stage, section in (("cluster", cfg.train_cluster), ("cells", cfg.train)):
+    for stage, section in (("cluster", cfg.train_cluster), ("cells", cfg.train), ("cluster_student_1", cfg.distill),
+                           ("cells_student_1", cfg.distill)):
         assert [r["step"] for r in rows if r["stage"] == stage] == expected_log_steps(section)
         assert len(list((cloud / "tensorboard" / stage).iterdir())) == 1
+    assert (cloud / "distill_loss_curves.png").stat().st_size > 1000
 
 
 def test_trained_model_beats_the_untrained_one(runs):

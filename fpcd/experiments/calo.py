@@ -42,7 +42,7 @@ from fpcd.metrics import calo as calo_metrics
 from fpcd.nets import ResMLP, SetTransformer, UNet3D, count_parameters, score_fn_from
 from fpcd.plots.calo import observables_by_momentum, profiles_by_momentum
 from fpcd.plots.common import nfe_vs_w1
-from fpcd.runner import TRAIN_INFO_FILE, Experiment, Stage, read_json
+from fpcd.runner import TRAIN_INFO_FILE, Experiment, Stage, is_student, read_json
 from fpcd.train import batch_indices
 
 REPRESENTATIONS = ("cloud", "image")
@@ -380,8 +380,8 @@ class CaloExperiment(Experiment):
                                     title=f"{title}: generated vs held-out truth")
             profiles_by_momentum(truth_obs[level][0], momentum, generated, bins,
                                  os.path.join(directory, f"profiles_{level}.png"), title=f"{title}: mean profiles")
-        runs = {name: {"method": r["method"], "nfe": r["nfe"], "w1_over_floor": r["voxel"]["w1_over_floor_mean"]}
-                for name, r in metrics["runs"].items()}
+        runs = {name: {"method": r["method"], "nfe": r["nfe"], "w1_over_floor": r["voxel"]["w1_over_floor_mean"],
+                       "student": r.get("student", False)} for name, r in metrics["runs"].items()}
         nfe_vs_w1(runs, os.path.join(directory, "nfe_vs_w1.png"), floor=1.0, metric_key="w1_over_floor",
                   ylabel="voxel-level W1 / truth floor (mean over observables)")
 
@@ -400,7 +400,10 @@ class CaloExperiment(Experiment):
             "train_step_memory_mb_stage2": None if memory is None else memory / 2**20,
             "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "training_seconds_stage2": train_info.get(self.stage2, {}).get("seconds"),
-            "training_seconds_total": sum(v.get("seconds", 0.0) for v in train_info.values()) or None,
+            "training_seconds_total": sum(v.get("seconds", 0.0) for k, v in train_info.items()
+                                          if not is_student(k)) or None,
+            "distillation_seconds_total": sum(v.get("seconds", 0.0) for k, v in train_info.items()
+                                              if is_student(k)) or None,
             "ms_per_shower": first["ms_per_shower"],
             "auc_high_level": voxel.get("classifier_high_level", {}).get("auc"),
             "auc_voxel_image": voxel.get("classifier_voxel_image", {}).get("auc"),

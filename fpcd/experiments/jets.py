@@ -243,7 +243,8 @@ class JetsExperiment(Experiment):
                         title=f"{jet_type} jets: generated vs truth")
         if figures_dir is not None:
             for key, label in (("w1m", "W1M"), ("w1p", "W1P (mean of 3)")):
-                runs = {f"{t}:{name}": {"method": f"{t} {r['method']}", "nfe": r["nfe"], key: r[key]}
+                runs = {f"{t}:{name}": {"method": f"{t} {r['method']}", "nfe": r["nfe"], key: r[key],
+                                        "student": r.get("student", False)}
                         for t, row in metrics["types"].items() for name, r in row["runs"].items()}
                 floor = float(np.mean([row["floor"][key] for row in metrics["types"].values()]))
                 nfe_vs_w1(runs, os.path.join(figures_dir, f"nfe_vs_{key}.png"), floor=floor, metric_key=key,

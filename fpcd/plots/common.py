@@ -67,11 +67,13 @@ def marginals(truth, samples_by_run: dict, path: str, *, bins: int = 60, labels=
 
 def nfe_vs_w1(runs: dict, path: str, *, floor: float | None = None, metric_key: str = "w1_mean",
               ylabel: str = "mean W1 over dimensions"):
-    """W1 against NFE, one line per sampling method (runs: name -> {method, nfe, metric_key})."""
+    """W1 against NFE, one line per sampling method (runs: name -> {method, nfe, metric_key}); runs
+    with a true ``"student"`` field (distilled students) make a line of their own."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     by_method: dict[str, list] = {}
     for name, row in runs.items():
-        by_method.setdefault(row["method"], []).append((row["nfe"], row[metric_key], name))
+        label = f"{row['method']} (distilled students)" if row.get("student") else row["method"]
+        by_method.setdefault(label, []).append((row["nfe"], row[metric_key], name))
     for i, (method, points) in enumerate(sorted(by_method.items())):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=method)
@@ -106,6 +108,7 @@ def loss_curves(rows: list[dict], path: str):
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-    ax_loss.legend(fontsize=8)
+    if stages:
+        ax_loss.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
