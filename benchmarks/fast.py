@@ -201,7 +201,7 @@ def plot(tables: dict, keys: tuple[str, ...], path: str, floors: dict | None = N
                     order = np.argsort(xs)
                     ys = [points[o][key] for o in order]
                     errs = [points[o].get(f"{key}_std", 0.0) for o in order]
-                    ax.errorbar(np.asarray(xs)[order], ys, yerr=errs, fmt="o-", ms=3, color=f"C{i % 10}",
+                    ax.errorbar(np.asarray(xs)[order], ys, yerr=errs, fmt="o", ms=3, color=f"C{i % 10}",
                                 ls="--" if i >= 10 else "-", label=fam)
                 if floors is not None and label in floors:
                     ax.axhline(floors[label][key], color="k", ls=":", lw=1, label="truth vs truth")

@@ -95,12 +95,8 @@ def get_config(variant: str = ""):
         cfg.train = _train(60, 16, 2e-3, 5, 30, log_every=30)
         cfg.sampling.num_samples = 48
         cfg.sampling.batch_size = 48
-        cfg.sampling.runs = ml_collections.ConfigDict({
-            "em_10": {"method": "em", "steps": 10},
-            "ode_1e-2": {"method": "ode", "rtol": 1e-2, "atol": 1e-2},
-        })
-        if image:
-            del cfg.sampling.runs["ode_1e-2"]
+        # The ODE is tested by the gmm and jets tiny runs; the calo tiny run samples its student instead.
+        cfg.sampling.runs = ml_collections.ConfigDict({"em_10": {"method": "em", "steps": 10}})
         cfg.eval.momentum_bins = (2.0, 8.0, 30.0)
         cfg.distill = distill_section(0 if image else 1, 2, 20, 1e-3, sample_steps=(1,), warmup_steps=2,
                                       log_every=10, checkpoint_every=10)

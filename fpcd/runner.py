@@ -497,6 +497,8 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
 def restore_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, hint: str = "run with --mode=train first"):
     """The newest checkpointed train state of ``stage``; :class:`ConfigError` (ending in ``hint``)
     when there is none."""
+    if not os.path.isdir(checkpoint_dir(workdir, stage.name)):  # opening a Checkpointer would create it
+        raise ConfigError(f"no checkpoint of stage {stage.name!r} in {workdir}; {hint}")
     state, _ = make_stage_state(stage, sde, mesh)
     t = stage.train
     with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
