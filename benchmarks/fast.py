@@ -207,7 +207,7 @@ def plot(tables: dict, keys: tuple[str, ...], path: str, floors: dict | None = N
                     ax.axhline(floors[label][key], color="k", ls=":", lw=1, label="truth vs truth")
                 ax.set_xscale("log")
                 ax.set_title(f"{label}: {key}", fontsize=9)
-                ax.set_xlabel("NFE (stage 2)" if x_key == "nfe" else "seconds per batch of the run")
+                ax.set_xlabel("NFE (stage 2)" if x_key == "nfe" else "ms per sample (both stages)")
         row_axes[0].legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
