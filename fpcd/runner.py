@@ -728,13 +728,13 @@ def student_runs(cfg, runs: dict, students) -> list[tuple[str, dict, str | int, 
     ``k``, ``info`` naming its teachers). A student draws with the key of the teacher's
     ``ddim_<k>``: the same prior noise, so that the two differ by the distillation alone."""
     entries = [(name, dict(run), "teacher", i, {}) for i, (name, run) in enumerate(runs.items())]
+    key_index = {name: i for i, name in enumerate(runs)}
     for steps in students:
         ddim = {"method": "ddim", "steps": int(steps), "t_min": float(cfg.distill.t_min)}
-        names = [e[0] for e in entries]
-        if f"ddim_{steps}" not in names:
+        if f"ddim_{steps}" not in key_index:
+            key_index[f"ddim_{steps}"] = len(entries)
             entries.append((f"ddim_{steps}", ddim, "teacher", len(entries), {}))
-        paired = entries[[e[0] for e in entries].index(f"ddim_{steps}")][3]
-        entries.append((f"student_{steps}", ddim, steps, paired,
+        entries.append((f"student_{steps}", ddim, steps, key_index[f"ddim_{steps}"],
                         {"student": True, "teacher_steps": 2 * int(steps),
                          "distilled_from_steps": int(cfg.distill.teacher_steps)}))
     return entries
