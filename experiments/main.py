@@ -31,10 +31,11 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 def experiment_classes() -> dict:
     """``config.experiment`` -> its :class:`fpcd.runner.Experiment` subclass (one literal dict)."""
     from fpcd.experiments.calo import CaloExperiment
+    from fpcd.experiments.eic import EicExperiment
     from fpcd.experiments.gmm import GaussianMixtureExperiment
     from fpcd.experiments.jets import JetsExperiment
 
-    return {"calo": CaloExperiment, "gmm": GaussianMixtureExperiment, "jetnet": JetsExperiment}
+    return {"calo": CaloExperiment, "eic": EicExperiment, "gmm": GaussianMixtureExperiment, "jetnet": JetsExperiment}
 
 
 def main(argv):
@@ -54,6 +55,7 @@ def main(argv):
 
     from fpcd.config import ConfigError
     from fpcd.data.calo import CaloDataError
+    from fpcd.data.eic import EicDataError
     from fpcd.data.jetnet import JetDataError
     from fpcd.train import NonFiniteLossError
 
@@ -64,7 +66,7 @@ def main(argv):
     workdir = _WORKDIR.value or os.path.join("runs", cfg.get("name", cfg.experiment))
     try:
         train_and_evaluate(experiment, workdir, _MODE.value, data_mesh())
-    except (ConfigError, CaloDataError, JetDataError, NonFiniteLossError) as err:
+    except (ConfigError, CaloDataError, EicDataError, JetDataError, NonFiniteLossError) as err:
         if jax.process_index() == 0:  # an expected error: one message, no traceback
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -75,6 +75,26 @@ def require_ints(cfg, dotted: str, *, minimum: int = 1, minimum_count: int = 1) 
     return tuple(int(v) for v in values)
 
 
+def require_models(cfg, mlp: str, set_model: str) -> None:
+    """The sections of a two-stage experiment's models: ``<mlp>`` (a ResMLP: width, depth) and
+    ``<set_model>`` (a SetTransformer: width, depth, num_heads dividing width)."""
+    for section in (mlp, set_model):
+        require_int(cfg, f"{section}.width")
+        require_int(cfg, f"{section}.depth")
+    width, heads = cfg[set_model].width, require_int(cfg, f"{set_model}.num_heads")
+    if width % heads:
+        raise ConfigError(f"config.{set_model}.width ({width}) must be divisible by config.{set_model}.num_heads "
+                          f"({heads})")
+
+
+def require_classifier(cfg, section: str = "eval.classifier") -> None:
+    """A classifier section of :func:`fpcd.metrics.classifier.classifier_auc`'s options."""
+    require_ints(cfg, f"{section}.hidden")
+    require_int(cfg, f"{section}.epochs")
+    require_int(cfg, f"{section}.batch_size")
+    require_float(cfg, f"{section}.learning_rate", low=0.0, open_low=True)
+
+
 def require_increasing(cfg, dotted: str, *, minimum_count: int = 2) -> tuple[float, ...]:
     """A strictly increasing tuple of at least ``minimum_count`` numbers."""
     values = _sequence(cfg, dotted, "numbers")

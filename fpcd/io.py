@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from typing import Callable
 
@@ -46,3 +48,18 @@ def open_hdf5(path: str, error: type[Exception] = ValueError):
         return h5py.File(path, "r")
     except OSError as err:
         raise error(f"{path}: not a readable hdf5 file ({err})") from None
+
+
+@contextlib.contextmanager
+def silenced_stdout():
+    """Redirect the process's file descriptor 1 (C++ banners) to /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)

@@ -30,19 +30,17 @@ settings were chosen).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import sys
 from typing import Sequence
 
 import h5py
 import numpy as np
 
 from fpcd.data.workers import map_chunks
-from fpcd.io import open_hdf5
+from fpcd.io import open_hdf5, silenced_stdout
 
 JET_TYPES = ("g", "q", "t", "w", "z")
 PARTICLE_FEATURES = ("eta_rel", "phi_rel", "pt_rel", "mask")
@@ -170,21 +168,6 @@ def chunk_seed(seed: int, jet_type: str, chunk: int) -> int:
     return int(state % 900_000_000) + 1
 
 
-@contextlib.contextmanager
-def _silenced_stdout():
-    """Redirect the process's file descriptor 1 (C++ banners) to /dev/null."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-
-
 def wrap_phi(phi):
     """Wrap angles to (-pi, pi]."""
     return np.pi - np.mod(np.pi - phi, 2.0 * np.pi)
@@ -271,7 +254,7 @@ def _generate_chunk(args):
     jet_type, num_jets, num_particles, seed, chunk, settings = args
     import pythia8mc
 
-    with _silenced_stdout():
+    with silenced_stdout():
         pythia = pythia8mc.Pythia("", False)
         for line in pythia_settings(jet_type, chunk_seed(seed, jet_type, chunk), settings):
             if not pythia.readString(line):
@@ -448,6 +431,9 @@ def cached_generate(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Under ``python -m fpcd.data.jetnet`` this module is ``__main__``: build the settings from the importable
+    # module, whose classes the worker processes can unpickle.
+    from fpcd.data.jetnet import GeneratorSettings, generate, save  # noqa: F811
     parser = argparse.ArgumentParser(
         prog="python -m fpcd.data.jetnet",
         description="Generate JetNet-like jets with Pythia 8 + FastJet into an hdf5 file (JetNet layout).",

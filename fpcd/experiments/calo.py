@@ -32,8 +32,8 @@ import resource
 import jax
 import numpy as np
 
-from fpcd.config import (ConfigError, require_choice, require_float, require_increasing, require_int, require_ints,
-                         require_range)
+from fpcd.config import (ConfigError, require_choice, require_classifier, require_float, require_increasing, require_int,
+                         require_ints, require_models, require_range)
 from fpcd.data import calo_transforms as transforms
 from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloChallengeSet, CaloDataError, load, simulate, to_voxels, from_voxels
 from fpcd.data.standardisation import Standardisation
@@ -127,19 +127,11 @@ class CaloExperiment(Experiment):
         require_int(cfg, "data.max_cells", minimum=0)
         require_float(cfg, "data.dequantisation", low=0.0, high=1.0)
         require_ints(cfg, "data.buckets", minimum_count=0)
-        for section in ("cluster_model", "cell_model"):
-            require_int(cfg, f"{section}.width")
-            require_int(cfg, f"{section}.depth")
-        if cfg.cell_model.width % require_int(cfg, "cell_model.num_heads"):
-            raise ConfigError(f"config.cell_model.width ({cfg.cell_model.width}) must be divisible by "
-                              f"config.cell_model.num_heads ({cfg.cell_model.num_heads})")
+        require_models(cfg, "cluster_model", "cell_model")
         require_ints(cfg, "image_model.channels")
         require_int(cfg, "image_model.context_width")
         require_increasing(cfg, "eval.momentum_bins", minimum_count=2)
-        require_int(cfg, "eval.classifier.epochs")
-        require_int(cfg, "eval.classifier.batch_size")
-        require_ints(cfg, "eval.classifier.hidden")
-        require_float(cfg, "eval.classifier.learning_rate", low=0.0, open_low=True)
+        require_classifier(cfg)
 
     def load_data(self) -> PreparedData:
         """The real file when ``data.path`` is set (point-cloud layout), else simulated showers."""

@@ -21,7 +21,7 @@ import warnings
 import jax
 import numpy as np
 
-from fpcd.config import ConfigError, get_field, require_float, require_int, require_strings
+from fpcd.config import ConfigError, get_field, require_float, require_int, require_models, require_strings
 from fpcd.data import jet_transforms
 from fpcd.data.jetnet import JET_TYPES, JetDataError, JetSet, cached_generate, load
 from fpcd.metrics import jets as jet_metrics
@@ -116,13 +116,7 @@ class JetsExperiment(Experiment):
         require_int(cfg, "data.num_jets", minimum=10)
         require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
         require_int(cfg, "data.workers", minimum=0)
-        for section in ("jet_model", "particle_model"):
-            require_int(cfg, f"{section}.width")
-            require_int(cfg, f"{section}.depth")
-        require_int(cfg, "particle_model.num_heads")
-        if cfg.particle_model.width % cfg.particle_model.num_heads:
-            raise ConfigError(f"config.particle_model.width ({cfg.particle_model.width}) must be divisible by "
-                              f"config.particle_model.num_heads ({cfg.particle_model.num_heads})")
+        require_models(cfg, "jet_model", "particle_model")
         require_int(cfg, "eval.num_batches")
         get_field(cfg, "eval.seed")
 
