@@ -1,6 +1,6 @@
 """EIC neutral-current DIS events (10 GeV e- on 275 GeV p, Q^2 > 25 GeV^2) as point clouds.
 
-    python experiments/main.py --config=experiments/eic.py                 # default, ~12 min on 2 CPUs
+    python experiments/main.py --config=experiments/eic.py                 # default, ~13 min on 2 CPUs
     python experiments/main.py --config=experiments/eic.py:tiny            # smoke run (tests)
     python experiments/main.py --config=experiments/eic.py:full --workdir=/scratch/eic   # paper scale, GPUs
 
@@ -52,6 +52,8 @@ def get_config(variant: str = ""):
         "em_100": {"method": "em", "steps": 100},
         "pc_100": {"method": "pc", "steps": 50, "snr": 0.16},
         "dpmpp_2m_16": {"method": "dpmpp_2m", "steps": 16},
+        "heun_15": {"method": "heun", "steps": 8},
+        "ode_1e-3": {"method": "ode", "rtol": 1e-3, "atol": 1e-3},  # the probability flow, adaptive Dopri5
     })
 
     # Off in the default (its 15-minute budget); --config.distill.rounds=6 distils both stages 64 -> 1 DDIM steps
