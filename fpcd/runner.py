@@ -225,6 +225,21 @@ class Experiment(abc.ABC):
     def samples_file(self, group: str) -> str:
         return f"samples_{group}.h5" if group else "samples.h5"
 
+    # helpers for the hooks ---------------------------------------------------------------------
+
+    def require_held_out(self, available: int, what: str) -> None:
+        """Raise :class:`~fpcd.config.ConfigError` unless ``available`` held-out ``what`` hold two
+        disjoint sets of ``sampling.num_samples`` (the truth and the truth-vs-truth floor)."""
+        n = self.cfg.sampling.num_samples
+        if available < 2 * n:
+            raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} {what} (two disjoint subsets "
+                              f"for the floor), found {available}")
+
+    def batch_size(self, n: int, sampler: "BatchSampler") -> int:
+        """The sampling batch for ``n`` samples: ``sampling.batch_size`` or less, a multiple of the devices."""
+        devices = 1 if sampler.mesh is None else sampler.mesh.devices.size
+        return max(devices, min(int(self.cfg.sampling.batch_size), -(-n // devices) * devices))
+
     def samples_attrs(self, group: str) -> dict:
         """Attributes of the root group of ``group``'s samples file."""
         return {}

@@ -31,6 +31,11 @@ def test_layout_and_ordering(events):
     pt = np.where(real[:, 1:], p[:, 1:, 0], -1.0)
     assert np.all(np.diff(pt, axis=1)[real[:, 2:]] <= 0)  # others in decreasing pT
     assert np.all(eic.species_index(p[..., 3][real]) >= 0)  # every particle in one of the 9 classes
+    # Species fractions of the particles after the electron (40,000 events: gamma 46.6 %, pi 38.3 %);
+    # 4 binomial standard errors of ~44,000 particles: 1 %.
+    fractions = np.bincount(eic.species_index(p[:, 1:, 3][real[:, 1:]]), minlength=9) / real[:, 1:].sum()
+    assert abs(fractions[eic.SPECIES.index("gamma")] - 0.466) < 0.01
+    assert abs(fractions[eic.SPECIES.index("pi")] - 0.383) < 0.01
     assert np.all(np.abs(p[..., 2][real]) <= np.pi)
 
 

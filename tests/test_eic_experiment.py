@@ -107,8 +107,14 @@ def test_trained_model_beats_the_untrained_one(tiny_run):
     generated = eic.EventSet(arrays["particles"][keep], arrays["kinematics"][keep])
     untrained_w1 = eic_metrics.ratios_to_floor(eic_metrics.w1_block(obs, eic_metrics.observables(generated)),
                                                floor)["w1_over_floor_mean"]
-    trained_w1 = json.loads((workdir / "metrics.json").read_text())["runs"][name]["w1_over_floor_mean"]
+    row = json.loads((workdir / "metrics.json").read_text())["runs"][name]
+    trained_w1 = row["w1_over_floor_mean"]
     assert trained_w1 < 0.7 * untrained_w1, (trained_w1, untrained_w1)
+    # metrics.json holds the W1s of the written samples against these held-out events, floor included.
+    saved = eic.load(str(workdir / "samples.h5"))
+    recomputed = eic_metrics.w1_block(obs, eic_metrics.observables(saved))["w1"]
+    assert recomputed == pytest.approx(row["w1"], rel=1e-12)
+    assert floor["w1"] == pytest.approx(json.loads((workdir / "metrics.json").read_text())["floor"]["w1"], rel=1e-12)
 
 
 def test_config_and_data_errors_name_the_problem(tmp_path):

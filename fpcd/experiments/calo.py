@@ -150,10 +150,7 @@ class CaloExperiment(Experiment):
                                theta_range=tuple(cfg.data.theta_range), phi=cfg.data.phi, seed=cfg.seed,
                                progress=self.progress)
         data = PreparedData(cfg, showers)
-        n = cfg.sampling.num_samples
-        if len(data.test) < 2 * n:
-            raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} held-out showers (two "
-                              f"disjoint subsets for the floor), found {len(data.test)}")
+        self.require_held_out(len(data.test), "held-out showers")
         return data
 
     def models(self):
@@ -197,11 +194,6 @@ class CaloExperiment(Experiment):
         return (Stage("cluster", cluster_model, cfg.train_cluster, self.key("train_cluster"), cluster_batch,
                       lambda rows: cluster_batch(0, rows)),
                 Stage(self.stage2, stage2_model, cfg.train, self.key("train"), stage2_batch, probe_batch))
-
-    def batch_size(self, n: int, sampler) -> int:
-        """The sampling batch for ``n`` showers: ``sampling.batch_size`` or less, a multiple of the devices."""
-        devices = 1 if sampler.mesh is None else sampler.mesh.devices.size
-        return max(devices, min(int(self.cfg.sampling.batch_size), -(-n // devices) * devices))
 
     def generate(self, data: PreparedData, models, group, run, key, sampler, momentum=None, theta=None):
         """One shower per held-out (momentum, theta) (or the given ones) through both stages."""

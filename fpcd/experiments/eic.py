@@ -106,10 +106,7 @@ class EicExperiment(Experiment):
         if empty.any():
             events = events.take(np.flatnonzero(~empty))
         data = PreparedData(self.cfg, events, num_empty=int(empty.sum()))
-        n = self.cfg.sampling.num_samples
-        if len(data.test) < 2 * n:
-            raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} held-out events (two "
-                              f"disjoint subsets for the floor), found {len(data.test)}")
+        self.require_held_out(len(data.test), "held-out events")
         return data
 
     def models(self):
@@ -140,11 +137,6 @@ class EicExperiment(Experiment):
         return (Stage("event", event_model, cfg.train_event, self.key("train_event"), event_batch,
                       lambda rows: event_batch(0, rows)),
                 Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch, probe_batch))
-
-    def batch_size(self, n: int, sampler) -> int:
-        """The sampling batch for ``n`` events: ``sampling.batch_size`` or less, a multiple of the devices."""
-        devices = 1 if sampler.mesh is None else sampler.mesh.devices.size
-        return max(devices, min(int(self.cfg.sampling.batch_size), -(-n // devices) * devices))
 
     def generate(self, data: PreparedData, models, group, run, key, sampler, num_samples=None):
         """Events through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""

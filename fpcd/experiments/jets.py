@@ -141,11 +141,8 @@ class JetsExperiment(Experiment):
         except JetDataError as err:
             raise ConfigError(str(err)) from None
         data = PreparedData(self.types, jets, self.cfg.data.test_fraction)
-        n = self.cfg.sampling.num_samples
         for jet_type in self.types:
-            if len(data.test[jet_type]) < 2 * n:
-                raise ConfigError(f"config.sampling.num_samples={n} needs at least {2 * n} test jets of type "
-                                  f"{jet_type!r} (two disjoint subsets for the floor), found {len(data.test[jet_type])}")
+            self.require_held_out(len(data.test[jet_type]), f"test jets of type {jet_type!r}")
         return data
 
     def models(self, num_types: int):

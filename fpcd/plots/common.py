@@ -18,6 +18,30 @@ def save_figure(fig, path):
     return path
 
 
+def density(values, edges) -> np.ndarray:
+    """Histogram normalised to unit area over ``edges`` (zeros when no value falls inside)."""
+    counts, _ = np.histogram(values, edges)
+    total = counts.sum() * np.diff(edges)
+    return np.divide(counts, total, out=np.zeros(len(counts)), where=total > 0)
+
+
+def histograms_with_ratio(top, bottom, truth, generated: dict, edges, xlabel: str) -> None:
+    """Draw ``truth`` filled and each ``generated`` sample (label -> values) as a line on ``top``, and
+    generated / truth on ``bottom`` (0.5 to 1.5), on the bin ``edges``."""
+    h_truth = density(truth, edges)
+    top.stairs(h_truth, edges, fill=True, color="0.8", label="truth")
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    for i, (name, values) in enumerate(generated.items()):
+        h = density(values, edges)
+        top.stairs(h, edges, color=f"C{i}", label=name)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bottom.plot(centres, h / h_truth, color=f"C{i}", lw=0.9, drawstyle="steps-mid")
+    bottom.axhline(1.0, color="k", lw=0.5)
+    bottom.set_ylim(0.5, 1.5)
+    bottom.set_xlabel(xlabel)
+    top.tick_params(labelbottom=False)
+
+
 def samples_vs_truth_2d(truth, samples_by_run: dict, path: str, *, max_points: int = 3000):
     """One scatter panel per run (generated in colour over truth in grey) plus the truth alone."""
     names = list(samples_by_run)

@@ -10,14 +10,7 @@ import numpy as np  # noqa: E402
 
 from fpcd.data import eic  # noqa: E402
 from fpcd.metrics import eic as eic_metrics  # noqa: E402
-from fpcd.plots.common import save_figure  # noqa: E402
-
-def _density(values, edges) -> np.ndarray:
-    """Histogram normalised to unit area over ``edges`` (zeros when no value falls inside)."""
-    counts, _ = np.histogram(values, edges)
-    total = counts.sum() * np.diff(edges)
-    return np.divide(counts, total, out=np.zeros(len(counts)), where=total > 0)
-
+from fpcd.plots.common import density, histograms_with_ratio, save_figure  # noqa: E402
 
 LABELS = {
     "electron_pt": "electron $p_T$ [GeV]", "electron_eta": "electron $\\eta$", "multiplicity": "multiplicity",
@@ -40,18 +33,7 @@ def _histogram_panel(top, bottom, truth, generated: dict, label: str, bins: int,
         edges = np.linspace(*value_range, bins + 1)
     else:
         edges = np.histogram_bin_edges(truth, bins=bins, range=tuple(np.percentile(truth, [0.5, 99.5])))
-    h_truth = _density(truth, edges)
-    top.stairs(h_truth, edges, fill=True, color="0.8", label="truth")
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    for i, (name, values) in enumerate(generated.items()):
-        h = _density(values, edges)
-        top.stairs(h, edges, color=f"C{i}", label=name)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bottom.plot(centres, h / h_truth, color=f"C{i}", lw=0.9, drawstyle="steps-mid")
-    bottom.axhline(1.0, color="k", lw=0.5)
-    bottom.set_ylim(0.5, 1.5)
-    bottom.set_xlabel(label)
-    top.tick_params(labelbottom=False)
+    histograms_with_ratio(top, bottom, truth, generated, edges, label)
 
 
 def compare(truth: eic.EventSet, generated: dict, path: str, *, bins: int = 40, title: str | None = None) -> str:
@@ -120,12 +102,12 @@ def species_spectra(truth: eic.EventSet, generated: dict, path: str, *, bins: in
                 continue
             edges = np.histogram_bin_edges(t, bins=bins, range=tuple(np.percentile(t, [0.5, 99.5])))
             weight = len(t) / max(len(obs_t["species"]), 1)
-            h = _density(t, edges)
+            h = density(t, edges)
             ax.stairs(h * weight, edges, fill=True, color="0.8", label="truth")
             for i, (name, o) in enumerate(obs_g.items()):
                 g = o[obs][o["species"] == index]
                 if len(g) >= 2:
-                    h = _density(g, edges)
+                    h = density(g, edges)
                     ax.stairs(h * len(g) / max(len(o["species"]), 1), edges, color=f"C{i}", label=name)
             ax.set_xlabel(f"{species}: {LABELS[obs].replace('particle ', '')}", fontsize=8)
             if column == 0 and row == 0:

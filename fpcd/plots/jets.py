@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fpcd.data.jetnet import JetSet  # noqa: E402
-from fpcd.plots.common import save_figure  # noqa: E402
+from fpcd.plots.common import histograms_with_ratio, save_figure  # noqa: E402
 
 PANELS = (
     ("jet mass [GeV]", "jet", 2, None),
@@ -56,18 +56,8 @@ def compare(truth: JetSet, generated, path: str, *, bins: int = 40, title: str |
             edges = np.arange(t.min() - 0.5, t.max() + 1.5, max(1, int(np.ptp(t) // bins) or 1))
         else:
             edges = np.histogram_bin_edges(t, bins=bins, range=tuple(np.percentile(t, [0.5, 99.5])))
-        h_truth, _ = np.histogram(t, edges, density=True)
-        top.stairs(h_truth, edges, fill=True, color="0.8", label="truth")
-        centres = 0.5 * (edges[1:] + edges[:-1])
-        for i, (name, jets) in enumerate(generated.items()):
-            h, _ = np.histogram(_values(jets, kind, index), edges, density=True)
-            top.stairs(h, edges, color=f"C{i}", label=name)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                bottom.plot(centres, h / h_truth, color=f"C{i}", lw=0.9, drawstyle="steps-mid")
-        bottom.axhline(1.0, color="k", lw=0.5)
-        bottom.set_ylim(0.5, 1.5)
-        bottom.set_xlabel(label)
-        top.tick_params(labelbottom=False)
+        histograms_with_ratio(top, bottom, t, {name: _values(jets, kind, index) for name, jets in generated.items()},
+                              edges, label)
         if col == 0:
             top.set_ylabel("density")
             bottom.set_ylabel("gen / truth")
