@@ -12,7 +12,7 @@ a perfect sampler with 20,000 samples.
 
 import ml_collections
 
-from fpcd.config import distill_section
+from fpcd.config import distill_section, train_section
 
 
 def get_config(variant: str = ""):
@@ -36,19 +36,8 @@ def get_config(variant: str = ""):
     cfg.model.depth = 3
     cfg.model.fourier_scale = 16.0
 
-    cfg.train = ml_collections.ConfigDict()
-    cfg.train.num_steps = 3000
-    cfg.train.batch_size = 512
-    cfg.train.learning_rate = 2e-3
-    cfg.train.warmup_steps = 100
-    cfg.train.schedule = "cosine"
-    cfg.train.grad_clip = 1.0
-    cfg.train.weight_decay = 0.0
-    cfg.train.ema_decay = 0.995
-    cfg.train.prediction = "v"  # distillation needs a v-prediction teacher
-    cfg.train.t_min = 1e-5
-    cfg.train.log_every = 100
-    cfg.train.checkpoint_every = 500
+    # v-prediction (distillation needs a v-prediction teacher), EMA 0.995, three checkpoints kept.
+    cfg.train = train_section(3000, 512, 2e-3, 100, 500, ema_decay=0.995, prediction="v")
     cfg.train.keep_checkpoints = 3
 
     cfg.sampling = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import ml_collections
 from fpcd.nets import PREDICTIONS
 from fpcd.sampling import METHOD_DEFAULTS, _check_options, nfe_of
 from fpcd.sde import SCHEDULES
+from fpcd.train import LOSS_WEIGHTINGS, TIME_SAMPLINGS
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,7 @@ def require_int(cfg, dotted: str, *, minimum: int = 1):
 
 def require_float(cfg, dotted: str, *, low: float | None = None, high: float | None = None, open_low: bool = False):
     value = get_field(cfg, dotted)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
         raise ConfigError(f"config.{dotted} must be a number, got {value!r}")
     if low is not None and (value < low or (open_low and value == low)):
         raise ConfigError(f"config.{dotted} must be {'>' if open_low else '>='} {low}, got {value!r}")
@@ -121,6 +122,13 @@ def require_range(cfg, dotted: str, *, low: float, high: float, unit: str = "", 
     return float(pair[0]), float(pair[1])
 
 
+def require_bool(cfg, dotted: str) -> bool:
+    value = get_field(cfg, dotted)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.{dotted} must be True or False, got {value!r}")
+    return value
+
+
 def require_choice(cfg, dotted: str, choices):
     value = get_field(cfg, dotted)
     if value not in choices:
@@ -137,15 +145,33 @@ def validate_sde(cfg) -> None:
 
 
 def train_section(num_steps: int, batch_size: int, learning_rate: float, warmup_steps: int, checkpoint_every: int,
-                  *, log_every: int = 100, ema_decay: float = 0.999, prediction: str = "v"):
+                  *, log_every: int = 100, ema_decay: float = 0.999, prediction: str = "v", ema_warmup: bool = False,
+                  time_sampling: str = "uniform", noise_mean: float = -1.2, noise_std: float = 1.2,
+                  loss_weighting: str = "none", min_snr_gamma: float = 5.0):
     """A training section with every field :func:`validate_train` checks (cosine schedule, clipping
-    at 1, no weight decay, ``t_min = 1e-5``, two checkpoints kept)."""
+    at 1, no weight decay, ``t_min = 1e-5``, two checkpoints kept).
+
+    The loss's levers (:func:`fpcd.train.dsm_terms`): ``time_sampling`` ``"uniform"`` (stratified
+    uniform times) or ``"lognormal"`` (EDM's log-normal noise levels, ``log sigma ~ N(noise_mean,
+    noise_std^2)``); ``loss_weighting`` ``"none"``, ``"min_snr"`` (Min-SNR-``min_snr_gamma``) or
+    ``"likelihood"`` (``lambda(t) = g(t)^2``, score_sde's likelihood weighting); ``ema_warmup``
+    ramps the EMA decay as ``min(ema_decay, (1 + n) / (10 + n))``."""
     return ml_collections.ConfigDict({
         "num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
         "warmup_steps": warmup_steps, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0,
-        "ema_decay": ema_decay, "prediction": prediction, "t_min": 1e-5, "log_every": log_every,
+        "ema_decay": ema_decay, "ema_warmup": ema_warmup, "prediction": prediction, "t_min": 1e-5,
+        "time_sampling": time_sampling, "noise_mean": noise_mean, "noise_std": noise_std,
+        "loss_weighting": loss_weighting, "min_snr_gamma": min_snr_gamma, "log_every": log_every,
         "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
     })
+
+
+def loss_options(train_cfg) -> dict:
+    """The keyword arguments of :func:`fpcd.train.make_train_step` beyond prediction, ``t_min`` and
+    the EMA decay that a training section sets (noise-level sampling, loss weighting, EMA warm-up)."""
+    return {"ema_warmup": bool(train_cfg.ema_warmup), "time_sampling": train_cfg.time_sampling,
+            "noise_mean": float(train_cfg.noise_mean), "noise_std": float(train_cfg.noise_std),
+            "weighting": train_cfg.loss_weighting, "min_snr_gamma": float(train_cfg.min_snr_gamma)}
 
 
 def validate_optimisation(cfg, section: str) -> None:
@@ -176,6 +202,12 @@ def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None
         )
     require_choice(cfg, f"{s}.prediction", PREDICTIONS)
     require_float(cfg, f"{s}.t_min", low=0.0, high=0.1, open_low=True)
+    require_bool(cfg, f"{s}.ema_warmup")
+    require_choice(cfg, f"{s}.time_sampling", TIME_SAMPLINGS)
+    require_float(cfg, f"{s}.noise_mean", low=-20.0, high=20.0)
+    require_float(cfg, f"{s}.noise_std", low=0.0, high=20.0, open_low=True)
+    require_choice(cfg, f"{s}.loss_weighting", LOSS_WEIGHTINGS)
+    require_float(cfg, f"{s}.min_snr_gamma", low=0.0, open_low=True)
 
 
 DISTILL_OPTIMISATION_FIELDS = ("num_steps", "learning_rate", "warmup_steps", "schedule", "grad_clip", "weight_decay",

@@ -96,6 +96,39 @@ class TransformerBlock(eqx.Module):
         return h + jax.vmap(self.mlp)(jax.vmap(self.norm_mlp)(h))
 
 
+class GridEmbedding(eqx.Module):
+    """A learned embedding of one input coordinate that lives on an integer grid (a calorimeter
+    layer index): ``x (D,) -> (width,)``.
+
+    The coordinate ``u = x[column] * scale + offset`` (``scale``/``offset`` undo a standardisation)
+    selects rows of a table of ``size`` vectors, one per grid point ``k = 0 .. size - 1``, mixed
+    with Gaussian weights ``softmax_k(-(u - k)^2 / (2 bandwidth^2))``: with the default bandwidth
+    0.5 a point on grid point ``k`` takes 79 % of row ``k`` and 11 % of each neighbour, a point in
+    between a smooth blend, so the network output stays differentiable in ``x`` (the
+    probability-flow ODE and its divergence need that). Coordinates outside the grid
+    take the nearest end row.
+    """
+
+    table: jax.Array
+    column: int = eqx.field(static=True)
+    offset: float = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+    bandwidth: float = eqx.field(static=True)
+
+    def __init__(self, size: int, width: int, *, column: int, offset: float = 0.0, scale: float = 1.0,
+                 bandwidth: float = 0.5, key):
+        if size < 1 or bandwidth <= 0:
+            raise ValueError(f"GridEmbedding: need size >= 1 and bandwidth > 0, got {size}, {bandwidth}")
+        self.table = jax.random.normal(key, (size, width)) / math.sqrt(width)
+        self.column, self.offset, self.scale, self.bandwidth = int(column), float(offset), float(scale), float(bandwidth)
+
+    def __call__(self, x):
+        u = x[self.column] * self.scale + self.offset
+        grid = jnp.arange(self.table.shape[0], dtype=x.dtype)
+        weights = jax.nn.softmax(-0.5 * ((u - grid) / self.bandwidth) ** 2)
+        return weights @ self.table
+
+
 class SetTransformer(eqx.Module):
     """Masked, permutation-equivariant set transformer for one point cloud.
 
@@ -104,6 +137,8 @@ class SetTransformer(eqx.Module):
     points only to themselves, and padded outputs are exactly zero, so whatever sits in padded
     slots cannot change real outputs. Time (Gaussian Fourier features + MLP) and the optional
     conditioning vector are embedded, summed and added to every token in every block.
+    ``grid = dict(column=, size=, offset=, scale=)`` adds a :class:`GridEmbedding` of one input
+    coordinate (e.g. the calorimeter layer) to each point's token.
     """
 
     takes_mask: ClassVar[bool] = True
@@ -113,6 +148,7 @@ class SetTransformer(eqx.Module):
     blocks: tuple[TransformerBlock, ...]
     norm_out: eqx.nn.LayerNorm
     readout: eqx.nn.Linear
+    grid: GridEmbedding | None = None
 
     def __init__(
         self,
@@ -125,11 +161,17 @@ class SetTransformer(eqx.Module):
         mlp_ratio: int = 2,
         fourier_scale: float = 16.0,
         out_dim: int | None = None,
+        grid: dict | None = None,
         key,
     ):
         if width % num_heads:
             raise ValueError(f"SetTransformer: width={width} must be divisible by num_heads={num_heads}")
         k_embed, k_ctx, k_blocks, k_out = jax.random.split(key, 4)
+        if grid is not None:
+            if not 0 <= grid["column"] < in_dim:
+                raise ValueError(f"SetTransformer: grid column {grid['column']} outside the {in_dim} input features")
+            self.grid = GridEmbedding(grid["size"], width, column=grid["column"], offset=grid.get("offset", 0.0),
+                                      scale=grid.get("scale", 1.0), key=jax.random.fold_in(k_embed, 1))
         self.embed = eqx.nn.Linear(in_dim, width, key=k_embed)
         self.context = ContextEmbedding(width, cond_dim, fourier_scale=fourier_scale, key=k_ctx)
         self.blocks = tuple(
@@ -143,6 +185,8 @@ class SetTransformer(eqx.Module):
         attention_mask = (real[:, None] & real[None, :]) | jnp.eye(real.shape[0], dtype=bool)
         context = self.context(t, cond)
         h = jax.vmap(self.embed)(x) + context
+        if self.grid is not None:
+            h = h + jax.vmap(self.grid)(x)
         for block in self.blocks:
             h = block(h, attention_mask, context)
         out = jax.vmap(self.readout)(jax.vmap(self.norm_out)(h))
@@ -401,6 +445,14 @@ class NetworkScore(eqx.Module):
 
     ``score = -eps_hat(x, t) / sigma_t``. Padded entries (``mask == 0``) of the score are zero.
     A pytree, so jitted samplers taking it are not retraced when only the weights change.
+
+    With ``x0_bounds = (low, high)`` (arrays broadcasting against the feature axis, e.g. the range
+    of the standardised training data) the denoised estimate ``x0_hat = (x_t - sigma eps_hat) /
+    alpha`` is clipped to that box and the noise estimate made consistent with the clipped one
+    (DDPM's ``clip_denoised``, per feature): ``eps = eps_hat + alpha (x0_hat - clip(x0_hat)) / sigma``,
+    exactly ``eps_hat`` wherever nothing is clipped. It keeps samplers from drifting outside the
+    data's support (e.g. a constituent carrying more than the jet's pT); likelihoods need the
+    unclipped score.
     """
 
     model: eqx.Module
@@ -408,6 +460,7 @@ class NetworkScore(eqx.Module):
     mask: jax.Array | None = None
     cond: jax.Array | None = None
     prediction: str = eqx.field(static=True, default="eps")
+    x0_bounds: tuple | None = None
 
     def __check_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -418,7 +471,12 @@ class NetworkScore(eqx.Module):
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
         output = apply_batched(self.model, x, t, mask=self.mask, cond=self.cond)
         alpha, sigma = self.sde.marginal(broadcast_time(t, x))
-        return prediction_to_eps(self.prediction, output, x, alpha, sigma)
+        eps = prediction_to_eps(self.prediction, output, x, alpha, sigma)
+        if self.x0_bounds is None:
+            return eps
+        x0 = alpha * x - sigma * output if self.prediction == "v" else (x - sigma * eps) / alpha
+        low, high = (jnp.asarray(b, x.dtype) for b in self.x0_bounds)
+        return eps + alpha * (x0 - jnp.clip(x0, low, high)) / sigma
 
     def __call__(self, x, t):
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
@@ -429,7 +487,8 @@ class NetworkScore(eqx.Module):
         return score
 
 
-def score_fn_from(model, sde: VPSDE, *, prediction: str = "eps", mask=None, cond=None) -> NetworkScore:
+def score_fn_from(model, sde: VPSDE, *, prediction: str = "eps", mask=None, cond=None,
+                  x0_bounds=None) -> NetworkScore:
     """Turn a network into a score function ``score_fn(x (B, ...), t (B,)) -> (B, ...)``.
 
     Args:
@@ -438,5 +497,6 @@ def score_fn_from(model, sde: VPSDE, *, prediction: str = "eps", mask=None, cond
       prediction: ``"eps"`` (noise prediction) or ``"v"`` (v-prediction).
       mask: ``(B, N)`` or broadcastable to ``x``; 1 = real, 0 = padding. Fixed for the batch.
       cond: ``(B, C)`` conditioning vectors, fixed for the batch.
+      x0_bounds: ``(low, high)`` box the denoised estimate is clipped to (:class:`NetworkScore`), or None.
     """
-    return NetworkScore(model=model, sde=sde, mask=mask, cond=cond, prediction=prediction)
+    return NetworkScore(model=model, sde=sde, mask=mask, cond=cond, prediction=prediction, x0_bounds=x0_bounds)

@@ -51,7 +51,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fpcd.checkpoint import Checkpointer
-from fpcd.config import DISTILL_OPTIMISATION_FIELDS, ConfigError, require_strings, student_steps, validate_common
+from fpcd.config import (DISTILL_OPTIMISATION_FIELDS, ConfigError, loss_options, require_strings, student_steps,
+                         validate_common)
 from fpcd.distill import init_student_state, make_distill_step
 from fpcd.io import atomic_write, write_json
 from fpcd.parallel import batch_sharding, replicate, shard_batch
@@ -316,6 +317,11 @@ def _flatten(tree, prefix=""):
     return {prefix[:-1]: tree}
 
 
+# Identity fields added to a config after runs of it existed, with the value those runs had (so
+# that their workdirs are still recognised as the same run).
+FIELDS_ADDED_LATER = {"cell_model.layer_embedding": False}
+
+
 def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) -> bool:
     """Refuse a workdir holding a run of a different config; True when it holds one of this config.
 
@@ -342,6 +348,9 @@ def config_differences(saved: dict, config: dict, fields: tuple[str, ...]) -> st
     """The fields under the dotted prefixes ``fields`` where ``saved`` and ``config`` differ, as
     ``"field: old -> new, ..."`` (at most five), or ``""``."""
     previous, current = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+    for k, value in FIELDS_ADDED_LATER.items():  # a run recorded before the field existed had this value
+        if k in current and k not in previous:
+            previous[k] = value
     keys = sorted(k for k in set(previous) | set(current) if any(k == p or k.startswith(p + ".") for p in fields))
     differing = [k for k in keys if previous.get(k) != current.get(k)]
     return ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in differing[:5])
@@ -383,7 +392,7 @@ def make_stage_state(stage: Stage, sde: VPSDE, mesh):
     if stage.teacher is None:
         state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
         step_fn = make_train_step(sde, optimizer, prediction=t.prediction, ema_decay=t.ema_decay, t_min=t.t_min,
-                                  mesh=mesh)
+                                  mesh=mesh, **loss_options(t))
         return state, step_fn
     teacher = stage.teacher
     state = replicate(init_student_state(teacher.model, optimizer, stage.key), mesh)

@@ -101,10 +101,69 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
+TIME_SAMPLINGS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("none", "min_snr", "likelihood")
+DSM_OPTIONS = ("time_sampling", "noise_mean", "noise_std", "weighting", "min_snr_gamma")  # of dsm_terms
+
+
+def stratified_uniform(key, batch_size: int):
+    """Stratified uniforms ``frac(u + i / B)`` for ``i < B`` with one ``u ~ U[0, 1)``: ``(B,)``."""
+    u = jax.random.uniform(key, ())
+    return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+
+
 def antithetic_times(key, batch_size: int, t_min: float):
     """Stratified diffusion times ``t_min + (1 - t_min) frac(u + i / B)`` for ``i < B``: ``(B,)``."""
-    u = jax.random.uniform(key, ())
-    return t_min + (1.0 - t_min) * jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+    return t_min + (1.0 - t_min) * stratified_uniform(key, batch_size)
+
+
+def lognormal_times(key, batch_size: int, sde: VPSDE, t_min: float, *, mean: float = -1.2, std: float = 1.2):
+    """Diffusion times whose noise level ``sigma_t / alpha_t`` is log-normal (EDM, Karras et al. 2022:
+    ``log sigma ~ N(mean, std^2)``, stratified like :func:`antithetic_times`), mapped to ``t`` through
+    the exact inverse of the schedule (``log SNR = -2 log sigma``) and clipped to ``[t_min, 1]``: ``(B,)``.
+
+    EDM's defaults (-1.2, 1.2) put the median at ``sigma = 0.30`` (log SNR 2.4): most draws fall
+    where the data's details are decided, far fewer in the almost-pure-noise part of ``[0, 1]``
+    that uniform times favour (half of uniform VP times have log SNR below -2.4)."""
+    u = jnp.clip(stratified_uniform(key, batch_size), 1e-6, 1.0 - 1e-6)
+    log_sigma = mean + std * jax.scipy.special.ndtri(u)
+    return jnp.clip(sde.time_of_log_snr(-2.0 * log_sigma), t_min, 1.0)
+
+
+def loss_weights(sde: VPSDE, t, *, prediction: str, weighting: str = "none", min_snr_gamma: float = 5.0):
+    """Per-row weights ``(B,)`` of the squared error of a ``prediction`` network at times ``t``.
+
+    * ``"none"``: 1 (the plain eps- or v-loss).
+    * ``"min_snr"``: Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma)`` on the x0 error, i.e.
+      ``min(SNR, gamma) / SNR`` on the eps error and ``min(SNR, gamma) / (SNR + 1)`` on the v error.
+    * ``"likelihood"``: score_sde's likelihood weighting ``lambda(t) = g(t)^2`` on the score error
+      (the weighting whose loss bounds the KL divergence, Song et al. 2021 "Maximum likelihood
+      training"): ``g^2 / sigma^2`` on the eps error, ``g^2 alpha^2 / sigma^2`` on the v error
+      (``v_hat - v = (eps_hat - eps) / alpha``). Without importance sampling of the times (as
+      score_sde) the weight spans ~10 at ``t = 1`` to ~1e5 at ``t = 1e-5``.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    if weighting == "none":
+        return jnp.ones_like(t)
+    alpha, sigma = sde.marginal(t)
+    if weighting == "min_snr":
+        snr = (alpha / sigma) ** 2
+        clipped = jnp.minimum(snr, min_snr_gamma)
+        return clipped / snr if prediction == "eps" else clipped / (snr + 1.0)
+    weight = sde.diffusion(t) ** 2 / sigma**2
+    return weight if prediction == "eps" else weight * alpha**2
+
+
+def training_times(key, batch_size: int, sde: VPSDE, t_min: float, *, time_sampling: str = "uniform",
+                   noise_mean: float = -1.2, noise_std: float = 1.2):
+    """The diffusion times of a training batch: :func:`antithetic_times` (``"uniform"``) or
+    :func:`lognormal_times` (``"lognormal"``)."""
+    if time_sampling == "uniform":
+        return antithetic_times(key, batch_size, t_min)
+    if time_sampling == "lognormal":
+        return lognormal_times(key, batch_size, sde, t_min, mean=noise_mean, std=noise_std)
+    raise ValueError(f"unknown time sampling {time_sampling!r}; expected one of {TIME_SAMPLINGS}")
 
 
 def draw_rows(draw: Callable, key, shape: tuple, rows=None):
@@ -121,8 +180,9 @@ def draw_rows(draw: Callable, key, shape: tuple, rows=None):
 
 
 def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
-              rows=None):
-    """``(sum of squared errors over real entries, number of real entries)`` of :func:`dsm_loss`.
+              rows=None, time_sampling: str = "uniform", noise_mean: float = -1.2, noise_std: float = 1.2,
+              weighting: str = "none", min_snr_gamma: float = 5.0):
+    """``(sum of weighted squared errors over real entries, number of real entries)`` of :func:`dsm_loss`.
 
     With ``rows = (offset, global_batch)``, ``x`` holds rows ``offset : offset + len(x)`` of a batch
     of ``global_batch`` rows, and the diffusion times and noise are those rows of the global
@@ -132,27 +192,38 @@ def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: st
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
     k_t, k_eps = jax.random.split(key)
     m = mask_or_ones(mask, x)
-    t = draw_rows(lambda k, shape: antithetic_times(k, shape[0], t_min), k_t, (x.shape[0],), rows)
+    t = draw_rows(lambda k, shape: training_times(k, shape[0], sde, t_min, time_sampling=time_sampling,
+                                                  noise_mean=noise_mean, noise_std=noise_std),
+                  k_t, (x.shape[0],), rows)
     eps = draw_rows(lambda k, shape: jax.random.normal(k, shape, x.dtype), k_eps, x.shape, rows) * m
     alpha, sigma = sde.marginal(broadcast_time(t, x))
     x = x * m
     x_t = alpha * x + sigma * eps
     output = apply_batched(model, x_t, t, mask=mask, cond=cond)
     target = eps if prediction == "eps" else alpha * eps - sigma * x
-    return jnp.sum(m * (output - target) ** 2), jnp.sum(m)
+    squared = m * (output - target) ** 2
+    if weighting != "none":  # (the unweighted loss keeps its exact arithmetic)
+        squared = squared * broadcast_time(loss_weights(sde, t, prediction=prediction, weighting=weighting,
+                                                        min_snr_gamma=min_snr_gamma), x)
+    return jnp.sum(squared), jnp.sum(m)
 
 
-def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5):
+def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
+             **options):
     """Denoising score-matching loss of a noise- or v-prediction network, averaged over real entries.
 
-    ``x_t = alpha_t x + sigma_t eps`` with ``t`` stratified in ``[t_min, 1]``; the target is ``eps``
-    (``prediction="eps"``) or ``v = alpha_t eps - sigma_t x`` (``"v"``). Padded entries
-    (``mask == 0``) are zero in ``x_t`` and excluded from the mean.
+    ``x_t = alpha_t x + sigma_t eps`` with ``t`` stratified in ``[t_min, 1]`` (or log-normal noise
+    levels, ``time_sampling="lognormal"``, :func:`training_times`); the target is ``eps``
+    (``prediction="eps"``) or ``v = alpha_t eps - sigma_t x`` (``"v"``), each row's squared error
+    weighted by :func:`loss_weights` (``weighting``, default none). Padded entries (``mask == 0``)
+    are zero in ``x_t`` and excluded from the mean.
 
     Args:
       x: clean data ``(B, ...)``; mask: ``(B, N)`` or broadcastable; cond: ``(B, C)`` or None.
+      options: ``time_sampling``, ``noise_mean``, ``noise_std``, ``weighting``, ``min_snr_gamma``
+        (:func:`dsm_terms`).
     """
-    total, count = dsm_terms(model, sde, x, key, mask=mask, cond=cond, prediction=prediction, t_min=t_min)
+    total, count = dsm_terms(model, sde, x, key, mask=mask, cond=cond, prediction=prediction, t_min=t_min, **options)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -192,21 +263,21 @@ def sharded_terms_and_grads(terms_fn: Callable, model, batch, key, mesh, constan
                          out_specs=replicated, check_vma=False)(dynamic, batch, key_data, const_dynamic)
 
 
-def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float):
+def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float, **options):
     """``(loss, grads)`` of :func:`dsm_loss` over a batch sharded along ``mesh``'s ``"data"`` axis
-    (:func:`sharded_terms_and_grads` of :func:`dsm_terms`)."""
-    return sharded_terms_and_grads(_dsm_batch_terms(sde, prediction, t_min), model, batch, key, mesh)
+    (:func:`sharded_terms_and_grads` of :func:`dsm_terms`; ``options`` as :func:`dsm_loss`)."""
+    return sharded_terms_and_grads(_dsm_batch_terms(sde, prediction, t_min, options), model, batch, key, mesh)
 
 
-def _dsm_batch_terms(sde: VPSDE, prediction: str, t_min: float):
+def _dsm_batch_terms(sde: VPSDE, prediction: str, t_min: float, options: dict):
     def terms(model, batch, key, rows, constants):
         return dsm_terms(model, sde, batch["x"], key, mask=batch.get("mask"), cond=batch.get("cond"),
-                         prediction=prediction, t_min=t_min, rows=rows)
+                         prediction=prediction, t_min=t_min, rows=rows, **options)
 
     return terms
 
 
-def ema_update(ema_model, model, decay: float):
+def ema_update(ema_model, model, decay):
     """``decay * ema + (1 - decay) * model`` on inexact-array leaves; other leaves from ``model``."""
     ema_params, _ = eqx.partition(ema_model, eqx.is_inexact_array)
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -214,17 +285,31 @@ def ema_update(ema_model, model, decay: float):
     return eqx.combine(new, static)
 
 
-def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, ema_decay: float) -> TrainState:
-    """The state after one optimiser step on ``grads``: updated model, its EMA, optimiser state, step + 1."""
+def ema_decay_at(step, decay: float, warmup: bool = False):
+    """The EMA decay used after optimiser step ``step`` (0-based): ``decay``, or with ``warmup``
+    ``min(decay, (1 + step) / (10 + step))`` (the warm-up of TensorFlow's ``ExponentialMovingAverage``
+    with ``num_updates``, used by score_sde and Equinox's examples), so that the average forgets the
+    random initialisation within the first few hundred steps instead of ``~1 / (1 - decay)`` steps."""
+    if not warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, ema_decay: float,
+                    ema_warmup: bool = False) -> TrainState:
+    """The state after one optimiser step on ``grads``: updated model, its EMA (decay
+    :func:`ema_decay_at`), optimiser state, step + 1."""
     params = eqx.filter(state.model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     model = eqx.apply_updates(state.model, updates)
-    return TrainState(model=model, ema_model=ema_update(state.ema_model, model, ema_decay), opt_state=opt_state,
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    return TrainState(model=model, ema_model=ema_update(state.ema_model, model, decay), opt_state=opt_state,
                       key_data=state.key_data, step=state.step + 1)
 
 
 def make_step(terms_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decay: float, mesh=None,
-              constants=None) -> "StateDonatingStep":
+              constants=None, ema_warmup: bool = False) -> "StateDonatingStep":
     """Build the jitted pure step ``(state, batch) -> (state, metrics)`` minimising a sum of loss terms.
 
     ``terms_fn(model, batch, key, rows, constants) -> (total, count)``: the summed loss terms of the
@@ -234,7 +319,8 @@ def make_step(terms_fn: Callable, optimizer: optax.GradientTransformation, *, em
     differentiates its own rows and one all-reduce sums the gradients
     (:func:`sharded_terms_and_grads`); the new state is replicated over the mesh. ``constants`` (a
     pytree, e.g. a distillation teacher) are passed to the compiled step as arguments, neither
-    donated nor differentiated. ``metrics`` holds ``loss`` and ``grad_norm``.
+    donated nor differentiated. The EMA decays by :func:`ema_decay_at` (``ema_warmup``).
+    ``metrics`` holds ``loss`` and ``grad_norm``.
     """
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -249,7 +335,7 @@ def make_step(terms_fn: Callable, optimizer: optax.GradientTransformation, *, em
             loss, grads = eqx.filter_value_and_grad(loss_fn)(state.model)
         else:
             loss, grads = sharded_terms_and_grads(terms_fn, state.model, batch, key, mesh, consts)
-        new_state = apply_gradients(state, grads, optimizer, ema_decay)
+        new_state = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
         if replicated is not None:
             new_state = eqx.filter_shard(new_state, replicated)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -265,8 +351,14 @@ def make_train_step(
     ema_decay: float = 0.999,
     t_min: float = 1e-5,
     mesh=None,
+    ema_warmup: bool = False,
+    **options,
 ):
     """Build the jitted pure denoising-score-matching step ``(state, batch) -> (state, metrics)``.
+
+    ``options`` are the loss's noise-level sampling and weighting (``time_sampling``,
+    ``noise_mean``, ``noise_std``, ``weighting``, ``min_snr_gamma``; :func:`dsm_terms`);
+    ``ema_warmup`` ramps the EMA decay up from 0.1 (:func:`ema_decay_at`).
 
     ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With a ``mesh`` of
     several devices the batch arrives sharded along ``"data"``, each device differentiates its own
@@ -277,7 +369,11 @@ def make_train_step(
     passing it in. The batch is not donated. ``step.lower(state, batch)`` lowers it (e.g. for
     XLA's memory analysis).
     """
-    return make_step(_dsm_batch_terms(sde, prediction, t_min), optimizer, ema_decay=ema_decay, mesh=mesh)
+    unknown = sorted(set(options) - set(DSM_OPTIONS))
+    if unknown:
+        raise TypeError(f"make_train_step: unknown loss option(s) {unknown}; expected some of {DSM_OPTIONS}")
+    return make_step(_dsm_batch_terms(sde, prediction, t_min, options), optimizer, ema_decay=ema_decay, mesh=mesh,
+                     ema_warmup=ema_warmup)
 
 
 class StateDonatingStep:

@@ -62,6 +62,10 @@ def test_tiny_runs_write_every_output(runs, which):
             assert set(w1) == set(metrics["floor"][level])
             assert all(np.isfinite(v) and v >= 0 for v in w1.values())
             assert 0 <= r[level]["classifier_high_level"]["auc"] <= 1
+            separating = r[level]["separating_features"]
+            assert len(separating) == 5 and all(0 <= f["auc"] <= 1 for f in separating)
+            deviations = [abs(f["auc"] - 0.5) for f in separating]
+            assert deviations == sorted(deviations, reverse=True)
         assert 0 <= r["voxel"]["classifier_voxel_image"]["auc"] <= 1
     summary = metrics["summary"]
     assert summary["parameters_stage2"] > 0 and summary["training_seconds_stage2"] > 0
@@ -79,6 +83,25 @@ def test_tiny_runs_write_every_output(runs, which):
             assert (workdir / f"{prefix}_{level}.png").stat().st_size > 10_000
     assert (workdir / "nfe_vs_w1.png").exists() and (workdir / "loss_curves.png").exists()
     assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
+
+
+def test_ablation_table_reads_the_runs_metrics(runs, tmp_path):
+    """benchmarks/ablation.py: one row per teacher run with the metrics.json values."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import ablation
+
+    cloud, *_ = runs
+    metrics = json.loads((cloud / "metrics.json").read_text())
+    rows = ablation.calo_rows("tiny", str(cloud))
+    cfg = calo_config.get_config("tiny")
+    assert [r["run"] for r in rows] == list(cfg.sampling.runs)  # not the students nor their paired DDIM
+    for row in rows:
+        r = metrics["runs"][row["run"]]
+        assert row["w1_over_floor_cell"] == r["cell"]["w1_over_floor_mean"]
+        assert row["auc_voxel"] == r["voxel"]["classifier_high_level"]["auc"]
+        assert row["most_separating"].startswith(r["cell"]["separating_features"][0]["feature"])
+    ablation.main(["--experiment=calo", f"--out={tmp_path}", f"tiny={cloud}"])
+    assert json.loads((tmp_path / "ablation_calo.json").read_text())["rows"][0]["lever"] == "tiny"
 
 
 def test_two_process_run_prints_and_logs_once(runs):
@@ -204,6 +227,15 @@ def test_colliding_points_move_to_the_nearest_free_cell():
     np.testing.assert_array_equal(iy - track_y[0, 10], [0, 0, 0])
     np.testing.assert_allclose(out[0, :, 0], [0.3, 0.2, 0.1], rtol=1e-5)
     np.testing.assert_allclose(out[0, :, 3], g.layer_centres()[[10, 10, 11]])
+    # In index units the weaker point is 0.7 cells from dx = +1 and 0.9 layers from layer 11: it
+    # moves sideways instead.
+    out = transforms.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3,
+                                         collision_metric="index")
+    layer, ix, iy = calo.cell_indices(out[0, :, 1:4])
+    np.testing.assert_array_equal(layer, [10, 10, 10])
+    np.testing.assert_array_equal(ix - track_x[0, 10], [0, -1, 1])
+    with pytest.raises(ValueError, match="unknown collision metric 'cm'"):
+        transforms.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3, collision_metric="cm")
 
 
 def test_buckets():

@@ -74,3 +74,34 @@ def test_feature_builders_shapes():
     assert features.shape == (3, 2 + 55 + 6 + 6 + 2) and np.isfinite(features).all()
     images = np.zeros((3, 11, 11, 11))
     assert m.voxel_features(images, momentum).shape == (3, 1 + 1331)
+
+
+def test_separating_features_rank_columns_by_their_own_auc():
+    """Hand-made samples: column b separates completely (generated higher: AUC 1), column c partly
+    (generated lower more often: AUC 7/16 by counting pairs), column a not at all (0.5)."""
+    truth = np.array([[0.0, 0.0, 1.0], [1.0, 1.0, 3.0], [2.0, 2.0, 5.0], [3.0, 3.0, 7.0]])
+    generated = np.array([[0.0, 10.0, 0.0], [1.0, 11.0, 2.0], [2.0, 12.0, 4.0], [3.0, 13.0, 8.0]])
+    ranked = m.separating_features(truth, generated, ["a", "b", "c"], top=3)
+    assert [r["feature"] for r in ranked] == ["b", "c", "a"]
+    # column c: generated 0 < all truth, 2 > 1, 4 > 1 and 3, 8 > all: 0 + 1 + 2 + 4 = 7 wins of 16.
+    np.testing.assert_allclose([r["auc"] for r in ranked], [1.0, 7 / 16, 0.5])
+    rng = np.random.default_rng(0)
+    cells = np.zeros((3, 4, 5))
+    cells[..., 0] = rng.uniform(0.01, 1.0, (3, 4))
+    cells[..., 1:3] = rng.normal(0.0, 100.0, (3, 4, 2))
+    cells[..., 3] = G.front_z_mm + rng.uniform(0, G.num_layers * G.layer_pitch_mm, (3, 4))
+    cells[..., 4] = 1.0
+    features = m.high_level_features(m.shower_observables(cells, np.ones(3)), np.ones(3), np.full(3, 17.0))
+    observables = m.shower_observables(cells, np.ones(3))
+    names = m.high_level_feature_names(G.num_layers)
+    assert features.shape[1] == len(names)
+    column = {name: features[:, i] for i, name in enumerate(names)}  # each name labels its own column
+    for k in ("centroid", "width"):
+        for a in "xyz":
+            np.testing.assert_allclose(column[f"{k}_{a}"], observables[f"{k}_{a}"] / 100.0, rtol=1e-5)
+    np.testing.assert_allclose(column["num_cells"], observables["num_cells"])
+    np.testing.assert_allclose(column["log10 E layer 7"], np.log10(observables["energy_per_layer"][:, 7] + 1e-8),
+                               rtol=1e-5)
+    np.testing.assert_allclose(column["radial fraction 150-250 mm"], observables["radial_profile"][:, 2], rtol=1e-5)
+    with pytest.raises(ValueError, match="3 names for 2 feature columns"):
+        m.separating_features(truth[:, :2], generated[:, :2], ["a", "b", "c"])

@@ -9,6 +9,7 @@ import sys
 import equinox as eqx
 import h5py
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -289,6 +290,12 @@ def _validate(cfg, num_devices=1):
         ("distill.rounds", -1, "config.distill.rounds"),
         ("distill.learning_rate", 0.0, "config.distill.learning_rate"),
         ("train.prediction", "eps", "config.train.prediction='eps'.*v-prediction teacher"),
+        ("train.time_sampling", "logit", "config.train.time_sampling"),
+        ("train.noise_std", 0.0, "config.train.noise_std"),
+        ("train.noise_mean", float("nan"), "config.train.noise_mean must be a number, got nan"),
+        ("train.loss_weighting", "snr", "config.train.loss_weighting"),
+        ("train.min_snr_gamma", -5.0, "config.train.min_snr_gamma"),
+        ("train.ema_warmup", None, "config.train.ema_warmup must be True or False"),
     ],
 )
 def test_validation_names_the_field(field, value, match):
@@ -334,3 +341,43 @@ def test_batch_must_divide_across_devices():
     cfg = gmm_config.get_config("tiny")
     with pytest.raises(ConfigError, match="multiple of the number of devices"):
         _validate(cfg, num_devices=3)
+
+
+def test_a_workdir_recorded_before_a_field_was_added_is_still_the_same_run(tmp_path):
+    """``FIELDS_ADDED_LATER``: a calo run recorded without ``cell_model.layer_embedding`` holds the
+    model without it (False); True is another model and is refused."""
+    from fpcd.runner import check_workdir
+
+    config = {"experiment": "calo", "cell_model": {"width": 64, "layer_embedding": False}}
+    old = {"experiment": "calo", "cell_model": {"width": 64}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert check_workdir(str(tmp_path), config, ("experiment", "cell_model"))
+    config["cell_model"]["layer_embedding"] = True
+    with pytest.raises(ConfigError, match="cell_model.layer_embedding: False -> True"):
+        check_workdir(str(tmp_path), config, ("experiment", "cell_model"))
+
+
+def test_the_train_step_uses_the_configured_noise_levels_and_weighting():
+    """The runner hands a training section's levers to the step: its first loss is the DSM loss of
+    the initial model with those options on the step's key, and differs from the plain loss."""
+    from fpcd.config import loss_options
+    from fpcd.train import dsm_loss
+
+    cfg = gmm_config.get_config("tiny")
+    with cfg.unlocked():
+        cfg.train.update({"loss_weighting": "min_snr", "min_snr_gamma": 2.0, "time_sampling": "lognormal",
+                          "noise_mean": -0.5, "noise_std": 0.7})
+    experiment = GaussianMixtureExperiment(cfg, progress=False)
+    experiment.validate(1)
+    stage = experiment.stages(experiment.load_data())[0]
+    state, step_fn = make_stage_state(stage, experiment.sde, data_mesh(jax.devices()[:1]))
+    batch = jax.tree_util.tree_map(jnp.asarray, stage.batch(0, slice(None)))
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), 0)
+    options = {k: v for k, v in loss_options(cfg.train).items() if k != "ema_warmup"}
+    expected = dsm_loss(stage.model, experiment.sde, batch["x"], key, prediction=cfg.train.prediction,
+                        t_min=cfg.train.t_min, **options)
+    plain = dsm_loss(stage.model, experiment.sde, batch["x"], key, prediction=cfg.train.prediction,
+                     t_min=cfg.train.t_min)
+    _, metrics = step_fn(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(metrics["loss"]) != pytest.approx(float(plain), rel=1e-2)

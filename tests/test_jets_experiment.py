@@ -108,6 +108,24 @@ def test_trained_model_beats_the_untrained_one(tiny_run):
         assert trained["w1m"] < w1m and trained["w1p"] < 0.97 * w1p, (jet_type, trained, w1m, w1p)
 
 
+def test_ablation_rows_pick_each_types_best_sampler(tiny_run):
+    """benchmarks/ablation.py on the tiny run: per type the run with the smallest largest W1 ratio."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import ablation
+
+    workdir, *_ = tiny_run
+    metrics = json.loads((workdir / "metrics.json").read_text())["types"]
+    rows = ablation.jets_rows("tiny", str(workdir))
+    assert [r["type"] for r in rows] == list(metrics)
+    for row in rows:
+        block = metrics[row["type"]]
+        worst = {k: max(v[m] / block["floor"][m] for m in ("w1m", "w1p", "w1efp")) for k, v in block["runs"].items()}
+        assert set(worst) == {"em_20", "ddim_10"}  # the tiny preset's runs, no students
+        assert row["best"] == min(worst, key=worst.get)
+        assert row["w1m_over_floor"] == block["runs"][row["best"]]["w1m"] / block["floor"]["w1m"]
+        assert row["fpd"] == block["runs"][row["best"]]["fpd"]
+
+
 def test_a_workdir_of_a_different_config_is_refused(tiny_run):
     workdir, cache, _ = tiny_run
     before = (workdir / "config.json").read_text()

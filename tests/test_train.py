@@ -5,17 +5,21 @@ import signal
 import subprocess
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import ndtri
 
 from conftest import OracleNet
 from fpcd.checkpoint import Checkpointer
 from fpcd.data.gmm import ExactScore
 from fpcd.nets import ResMLP, SetTransformer, score_fn_from
+from fpcd.sde import VPSDE
 from fpcd.train import (
-    NonFiniteLossError, batch_indices, dsm_loss, fit, init_train_state, make_optimizer, make_train_step,
+    NonFiniteLossError, antithetic_times, apply_gradients, batch_indices, dsm_loss, ema_decay_at, fit,
+    init_train_state, lognormal_times, loss_weights, make_optimizer, make_train_step, training_times,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,3 +153,90 @@ def test_four_devices_train_like_one(tmp_path):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
         else:
             np.testing.assert_array_equal(x, y)
+
+
+# --- the loss's levers: noise-level sampling, loss weighting, EMA warm-up ---------------------------
+
+
+def test_lognormal_times_give_lognormal_noise_levels(sde):
+    """The noise level sigma_t / alpha_t = exp(-log SNR / 2) of the drawn times is N(mean, std^2) in
+    its log: the stratified draw of 20,000 times matches the normal quantiles (a mapping through a
+    wrong log SNR, e.g. -log sigma instead of -2 log sigma, halves the spread and fails)."""
+    t = np.asarray(lognormal_times(jax.random.key(0), 20_000, sde, 1e-5, mean=-0.5, std=0.8), np.float64)
+    assert t.min() >= 1e-5 and t.max() <= 1.0
+    log_sigma = np.sort(-0.5 * np.asarray(sde.log_snr(jnp.asarray(t)), np.float64))
+    expected = -0.5 + 0.8 * ndtri((np.arange(20_000) + 0.5) / 20_000)
+    inner = slice(200, -200)  # away from float32 rounding of t at the extremes
+    np.testing.assert_allclose(log_sigma[inner], expected[inner], atol=0.02)
+    assert abs(log_sigma.mean() + 0.5) < 0.01 and abs(log_sigma.std() - 0.8) < 0.01
+    uniform = np.asarray(training_times(jax.random.key(0), 8, sde, 1e-5), np.float64)
+    np.testing.assert_allclose(uniform, antithetic_times(jax.random.key(0), 8, 1e-5))
+    with pytest.raises(ValueError, match="unknown time sampling 'logit'"):
+        training_times(jax.random.key(0), 8, sde, 1e-5, time_sampling="logit")
+
+
+def test_loss_weights_match_their_definitions(sde):
+    t = jnp.asarray([0.02, 0.1, 0.3, 0.9])
+    alpha, sigma = (np.asarray(a, np.float64) for a in sde.marginal(t))
+    snr = alpha**2 / sigma**2
+    assert snr[0] > 5.0 > snr[2]  # both branches of min(SNR, gamma)
+    np.testing.assert_allclose(loss_weights(sde, t, prediction="eps", weighting="min_snr", min_snr_gamma=5.0),
+                               np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    np.testing.assert_allclose(loss_weights(sde, t, prediction="v", weighting="min_snr", min_snr_gamma=5.0),
+                               np.minimum(snr, 5.0) / (snr + 1.0), rtol=1e-5)
+    beta = 0.1 + np.asarray(t) * 19.9
+    np.testing.assert_allclose(loss_weights(sde, t, prediction="eps", weighting="likelihood"), beta / sigma**2,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(loss_weights(sde, t, prediction="v", weighting="none"), np.ones(4))
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        loss_weights(sde, t, prediction="v", weighting="snr")
+
+
+class _LinearNet(eqx.Module):
+    """A cheap per-example network of (x, t)."""
+
+    linear: eqx.nn.Linear
+
+    def __call__(self, x, t, cond=None):
+        return self.linear(jnp.concatenate([x, jnp.reshape(t, (1,))]))
+
+
+class _EpsFromV(eqx.Module):
+    """A v-prediction network seen as an eps-prediction one: eps = alpha v + sigma x_t."""
+
+    net: _LinearNet
+    sde: VPSDE
+
+    def __call__(self, x, t, cond=None):
+        alpha, sigma = self.sde.marginal(t)
+        return alpha * self.net(x, t) + sigma * x
+
+
+@pytest.mark.parametrize("weighting, time_sampling", [("min_snr", "lognormal"), ("likelihood", "uniform")])
+def test_weighted_losses_are_the_same_objective_for_eps_and_v_networks(sde, weighting, time_sampling):
+    """A weighting is a weight on the score error: the weighted v-loss of a network equals the
+    weighted eps-loss of the same network written as an eps-predictor (the v weight carries the
+    alpha^2 of v_hat - v = (eps_hat - eps) / alpha). A v weight without that factor fails."""
+    net = _LinearNet(eqx.nn.Linear(4, 3, key=jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (64, 3))
+    options = {"weighting": weighting, "time_sampling": time_sampling}
+    as_v = dsm_loss(net, sde, x, jax.random.key(2), prediction="v", **options)
+    as_eps = dsm_loss(_EpsFromV(net, sde), sde, x, jax.random.key(2), prediction="eps", **options)
+    assert float(as_v) == pytest.approx(float(as_eps), rel=2e-4)
+    plain = dsm_loss(net, sde, x, jax.random.key(2), prediction="v", time_sampling=time_sampling)
+    assert float(plain) != pytest.approx(float(as_v), rel=1e-2)
+
+
+def test_ema_warmup_ramps_the_decay():
+    assert ema_decay_at(0, 0.999) == 0.999
+    np.testing.assert_allclose([float(ema_decay_at(s, 0.999, True)) for s in (0, 10, 90, 10_000)],
+                               [0.1, 11 / 20, 91 / 100, 0.999], rtol=1e-6)
+    model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    optimizer = make_optimizer(learning_rate=1e-2, num_steps=10)
+    state = init_train_state(model, optimizer, jax.random.key(1))
+    grads = jax.tree_util.tree_map(jnp.ones_like, eqx.filter(model, eqx.is_inexact_array))
+    stepped = apply_gradients(state, grads, optimizer, 0.999, ema_warmup=True)
+    # First step: decay 0.1, so the EMA is 0.1 old + 0.9 new parameters.
+    old, new, ema = (np.asarray(jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_inexact_array))[0])
+                     for m in (state.model, stepped.model, stepped.ema_model))
+    np.testing.assert_allclose(ema, 0.1 * old + 0.9 * new, rtol=1e-5, atol=1e-7)

@@ -61,17 +61,24 @@ NEIGHBOURS = np.stack(np.meshgrid(np.arange(-2, 3), np.arange(-1, 2), np.arange(
                       axis=-1).reshape(-1, 3)  # (layer, ix, iy) offsets of the candidate cells
 
 
-def _assign_cells(position, energy, shower, geometry):
-    """Flat cell index per point: each point takes the nearest free cell (in mm: layers are 23.4 mm,
-    cells 100 mm apart, so points move along the shower axis first) among its rounded cell and
+COLLISION_METRICS = ("mm", "index")
+
+
+def _assign_cells(position, energy, shower, geometry, metric: str = "mm"):
+    """Flat cell index per point: each point takes the nearest free cell among its rounded cell and
     the cells within 2 layers and 1 cell of it, points of higher energy first; a point with all
-    candidates taken shares its rounded cell. ``position (P, 3)`` = continuous (layer, ix, iy)."""
+    candidates taken shares its rounded cell. ``position (P, 3)`` = continuous (layer, ix, iy).
+    Nearest is in mm (``metric="mm"``: layers are 23.4 mm, cells 100 mm apart, so points move
+    along the shower axis first) or in index units (``"index"``: a step of one layer and of one
+    cell weigh the same, as the model's own coordinates do)."""
+    if metric not in COLLISION_METRICS:
+        raise ValueError(f"unknown collision metric {metric!r}; expected one of {COLLISION_METRICS}")
     g = geometry
     base = np.rint(position)
     candidates = base[:, None, :] + NEIGHBOURS[None]
     upper = np.array([g.num_layers - 1, g.num_cells - 1, g.num_cells - 1])
     inside = np.all((candidates >= 0) & (candidates <= upper), axis=-1)
-    scale = np.array([g.layer_pitch_mm, g.cell_size_mm, g.cell_size_mm])
+    scale = np.array([g.layer_pitch_mm, g.cell_size_mm, g.cell_size_mm]) if metric == "mm" else np.ones(3)
     distance = np.where(inside, np.sum(((candidates - position[:, None, :]) * scale) ** 2, axis=-1), np.inf)
     order = np.argsort(distance, axis=1, kind="stable")
     candidates = np.clip(np.take_along_axis(candidates, order[..., None], axis=1), 0, upper).astype(np.int64)
@@ -90,7 +97,8 @@ def _assign_cells(position, energy, shower, geometry):
 
 
 def cells_from_features(features, mask, theta_deg, total_energy, max_cells: int, *, phi_deg: float = 0.0,
-                        resolve_collisions: bool = True, geometry=EPIC_FORWARD_HCAL) -> np.ndarray:
+                        resolve_collisions: bool = True, collision_metric: str = "mm",
+                        geometry=EPIC_FORWARD_HCAL) -> np.ndarray:
     """Inverse of :func:`cell_features`: digitise points to cells, scale energies to
     ``total_energy`` per shower; ``(N, max_cells, 5)`` at cell centres.
 
@@ -111,7 +119,7 @@ def cells_from_features(features, mask, theta_deg, total_energy, max_cells: int,
     real = np.asarray(mask) > 0.5
     shower = np.broadcast_to(np.arange(n)[:, None], real.shape)[real]
     if resolve_collisions:
-        flat = _assign_cells(position[real], energy[real], shower, g)
+        flat = _assign_cells(position[real], energy[real], shower, g, collision_metric)
     else:
         index = np.rint(position[real]).astype(np.int64)
         flat = (index[:, 0] * g.num_cells + index[:, 1]) * g.num_cells + index[:, 2]

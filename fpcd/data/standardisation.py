@@ -38,3 +38,16 @@ class Standardisation:
     @classmethod
     def from_dict(cls, data: dict) -> "Standardisation":
         return cls(np.asarray(data["mean"], np.float64), np.asarray(data["std"], np.float64))
+
+
+def feature_bounds(values, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)``: the per-feature minimum and maximum of ``values (..., F)`` over the entries
+    where ``mask (...)`` is true (all entries without a mask), as float32 ``(F,)`` arrays: the box
+    a sampler's denoised estimate may be clipped to (:class:`fpcd.nets.NetworkScore`)."""
+    values = np.asarray(values)
+    rows = values.reshape(-1, values.shape[-1])
+    if mask is not None:
+        rows = rows[np.asarray(mask).reshape(-1) > 0.5]
+    if len(rows) == 0:
+        raise ValueError("feature_bounds: no real entries")
+    return rows.min(axis=0).astype(np.float32), rows.max(axis=0).astype(np.float32)

@@ -33,10 +33,10 @@ import jax
 import numpy as np
 
 from fpcd.config import (ConfigError, require_choice, require_classifier, require_float, require_increasing, require_int,
-                         require_ints, require_models, require_range)
+                         require_bool, require_ints, require_models, require_range)
 from fpcd.data import calo_transforms as transforms
 from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloChallengeSet, CaloDataError, load, simulate, to_voxels, from_voxels
-from fpcd.data.standardisation import Standardisation
+from fpcd.data.standardisation import Standardisation, feature_bounds
 from fpcd.io import atomic_write, write_json
 from fpcd.metrics import calo as calo_metrics
 from fpcd.nets import ResMLP, SetTransformer, UNet3D, count_parameters, score_fn_from
@@ -48,6 +48,7 @@ from fpcd.train import batch_indices
 REPRESENTATIONS = ("cloud", "image")
 GROUP = 5  # cells per voxel along each axis
 NUM_CELL_FEATURES = 4
+LAYER = 3  # the layer's column in the cell features (log10 E, dx, dy, layer)
 
 
 class PreparedData:
@@ -71,6 +72,7 @@ class PreparedData:
         self.cond_stats = Standardisation.fit(transforms.conditions(self.train.momentum, self.train.theta))
         self.cluster = self.cluster_stats.apply(transforms.cluster_targets(self.train))
         self.cond = self.cond_stats.apply(transforms.conditions(self.train.momentum, self.train.theta))
+        self.bounds = {"cluster": feature_bounds(self.cluster)}  # the boxes of sampling.clip_denoised
         cells = self.train.cells[:, :self.max_cells]
         self.cells = np.pad(cells, ((0, 0), (0, self.max_cells - cells.shape[1]), (0, 0)))
         if cfg.representation == "cloud":
@@ -78,12 +80,14 @@ class PreparedData:
             raw = transforms.cell_features(self.cells, self.train.theta, noise, phi_deg=self.phi,
                                            dequantisation=self.dequantisation)
             self.cell_stats = Standardisation.fit(raw[self.cells[..., 4] > 0.5])
+            self.bounds["cells"] = feature_bounds(self.cell_stats.apply(raw), self.cells[..., 4])
             self.lengths, self.buckets = transforms.training_buckets(
                 counts[:cut], transforms.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train.batch_size)
         else:
             logs = transforms.image_to_log_fractions(to_voxels(self.train.cells, group=GROUP))
             self.image_stats = Standardisation.fit(logs.ravel())
             self.images = self.image_stats.apply(logs)
+            self.bounds["image"] = (np.float32(self.images.min()), np.float32(self.images.max()))
 
     def stage2_cond(self, cluster_std, cond_std):
         return np.concatenate([cond_std, cluster_std], axis=1).astype(np.float32)
@@ -128,6 +132,9 @@ class CaloExperiment(Experiment):
         require_float(cfg, "data.dequantisation", low=0.0, high=1.0)
         require_ints(cfg, "data.buckets", minimum_count=0)
         require_models(cfg, "cluster_model", "cell_model")
+        require_bool(cfg, "cell_model.layer_embedding")
+        require_bool(cfg, "sampling.clip_denoised")
+        require_choice(cfg, "sampling.collision_metric", transforms.COLLISION_METRICS)
         require_ints(cfg, "image_model.channels")
         require_int(cfg, "image_model.context_width")
         require_increasing(cfg, "eval.momentum_bins", minimum_count=2)
@@ -153,15 +160,24 @@ class CaloExperiment(Experiment):
         self.require_held_out(len(data.test), "held-out showers")
         return data
 
-    def models(self):
+    def models(self, data: PreparedData | None = None):
+        """(cluster model, stage-2 model) as initialised. With ``cell_model.layer_embedding`` the set
+        model embeds each point's layer (:class:`fpcd.nets.GridEmbedding` over the 55 layers), which
+        needs the layer's standardisation from ``data`` (without data, e.g. to count parameters, a
+        unit one)."""
         cfg = self.cfg
         k_cluster, k_stage2 = jax.random.split(self.key("models"))
         cluster_model = ResMLP(2, width=cfg.cluster_model.width, depth=cfg.cluster_model.depth, cond_dim=2,
                                fourier_scale=cfg.cluster_model.fourier_scale, key=k_cluster)
         if cfg.representation == "cloud":
             m = cfg.cell_model
+            grid = None
+            if m.layer_embedding:
+                mean, std = (0.0, 1.0) if data is None else (data.cell_stats.mean[LAYER], data.cell_stats.std[LAYER])
+                grid = {"column": LAYER, "size": EPIC_FORWARD_HCAL.num_layers, "offset": mean, "scale": std}
             stage2 = SetTransformer(NUM_CELL_FEATURES, width=m.width, depth=m.depth, num_heads=m.num_heads,
-                                    mlp_ratio=m.mlp_ratio, cond_dim=4, fourier_scale=m.fourier_scale, key=k_stage2)
+                                    mlp_ratio=m.mlp_ratio, cond_dim=4, fourier_scale=m.fourier_scale, grid=grid,
+                                    key=k_stage2)
         else:
             m = cfg.image_model
             shape = (EPIC_FORWARD_HCAL.num_layers // GROUP,) + (EPIC_FORWARD_HCAL.num_cells // GROUP,) * 2
@@ -171,7 +187,7 @@ class CaloExperiment(Experiment):
 
     def stages(self, data: PreparedData):
         cfg = self.cfg
-        cluster_model, stage2_model = self.models()
+        cluster_model, stage2_model = self.models(data)
 
         def cluster_batch(step, rows):
             idx = batch_indices(cfg.seed, step, len(data.cluster), cfg.train_cluster.batch_size)[rows]
@@ -206,7 +222,7 @@ class CaloExperiment(Experiment):
         cond_std = data.cond_stats.apply(transforms.conditions(momentum, theta))
         cluster_std, nfe_cluster, seconds_cluster = sampler(
             lambda cond, mask: score_fn_from(models["cluster"], self.sde, prediction=cfg.train_cluster.prediction,
-                                             cond=cond),
+                                             cond=cond, x0_bounds=self.x0_bounds(data, "cluster")),
             k_cluster, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=(2,), run=run,
             description="sample cluster features", conditions=cond_std)
         finite = np.all(np.isfinite(cluster_std), axis=1)
@@ -231,6 +247,11 @@ class CaloExperiment(Experiment):
                   "voxels": images, "finite": finite}
         return arrays, info
 
+    def x0_bounds(self, data: PreparedData, stage: str):
+        """The box a stage's denoised estimate is clipped to while sampling (the range of its
+        standardised training data), or None without ``sampling.clip_denoised``."""
+        return data.bounds[stage] if self.cfg.sampling.clip_denoised else None
+
     def _generate_cells(self, data, models, run, key, sampler, cond2, num_cells, theta, total_energy, finite):
         cfg, n = self.cfg, len(cond2)
         features = np.zeros((n, data.max_cells, NUM_CELL_FEATURES), np.float32)
@@ -243,7 +264,7 @@ class CaloExperiment(Experiment):
             masks = (np.arange(length)[None, :] < num_cells[rows][:, None]).astype(np.float32)
             x, nfe_b, secs = sampler(
                 lambda cond, mask: score_fn_from(models["cells"], self.sde, prediction=cfg.train.prediction,
-                                                 mask=mask, cond=cond),
+                                                 mask=mask, cond=cond, x0_bounds=self.x0_bounds(data, "cells")),
                 jax.random.fold_in(key, b), num_samples=len(rows), batch_size=self.batch_size(len(rows), sampler),
                 sample_shape=(length, NUM_CELL_FEATURES), run=run, description=f"sample cells (<= {length})",
                 conditions=cond2[rows], mask=masks)
@@ -254,13 +275,15 @@ class CaloExperiment(Experiment):
         mask = np.arange(data.max_cells)[None, :] < num_cells[:, None]
         cells = transforms.cells_from_features(data.cell_stats.invert(features), mask & finite[:, None], theta,
                                                total_energy, data.max_cells, phi_deg=data.phi,
-                                               resolve_collisions=cfg.sampling.resolve_collisions)
+                                               resolve_collisions=cfg.sampling.resolve_collisions,
+                                               collision_metric=cfg.sampling.collision_metric)
         return cells, to_voxels(cells, group=GROUP), finite, seconds, nfe
 
     def _generate_images(self, data, models, run, key, sampler, cond2, total_energy, finite):
         cfg, n = self.cfg, len(cond2)
         x, nfe, seconds = sampler(
-            lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train.prediction, cond=cond),
+            lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train.prediction, cond=cond,
+                                             x0_bounds=self.x0_bounds(data, "image")),
             key, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=data.images.shape[1:], run=run,
             description="sample voxel images", conditions=cond2)
         finite &= np.all(np.isfinite(x), axis=(1, 2, 3))
@@ -343,8 +366,10 @@ class CaloExperiment(Experiment):
             row = {}
             for level in levels:
                 truth_kept = {k: v[keep] for k, v in truth[level][0].items()}
-                row[level] = {"classifier_high_level": self._classifier(features(truth_kept, p, th),
-                                                                        features(generated[name][level], p, th))}
+                real, fake = features(truth_kept, p, th), features(generated[name][level], p, th)
+                names = calo_metrics.high_level_feature_names(truth_kept["energy_per_layer"].shape[1])
+                row[level] = {"classifier_high_level": self._classifier(real, fake),
+                              "separating_features": calo_metrics.separating_features(real, fake, names)}
             row["voxel"]["classifier_voxel_image"] = self._classifier(
                 calo_metrics.voxel_features(images[0][keep], p), calo_metrics.voxel_features(r.arrays["voxels"][keep], p))
             metrics["runs"][name] = row

@@ -21,9 +21,11 @@ import warnings
 import jax
 import numpy as np
 
-from fpcd.config import ConfigError, get_field, require_float, require_int, require_models, require_strings
+from fpcd.config import (ConfigError, get_field, require_bool, require_float, require_int, require_models,
+                         require_strings)
 from fpcd.data import jet_transforms
 from fpcd.data.jetnet import JET_TYPES, JetDataError, JetSet, cached_generate, load
+from fpcd.data.standardisation import feature_bounds
 from fpcd.metrics import jets as jet_metrics
 from fpcd.nets import ResMLP, SetTransformer, score_fn_from
 from fpcd.plots.common import nfe_vs_w1
@@ -52,7 +54,7 @@ class PreparedData:
 
     def __init__(self, types, jets_by_type: dict, test_fraction: float):
         self.types = types
-        self.train, self.test, self.stats = {}, {}, {}
+        self.train, self.test, self.stats, self.bounds = {}, {}, {}, {}
         parts = {"jet": [], "particles": [], "mask": [], "type": []}
         for jet_type in types:
             jets = jets_by_type[jet_type]
@@ -61,6 +63,7 @@ class PreparedData:
             self.train[jet_type], self.test[jet_type] = train, test
             self.stats[jet_type] = stats = jet_transforms.fit_standardisation(train)
             particles, mask, jet = jet_transforms.preprocess(train, stats)
+            self.bounds[jet_type] = {"jet": feature_bounds(jet), "particle": feature_bounds(particles, mask)}
             for name, value in (("jet", jet), ("particles", particles), ("mask", mask),
                                 ("type", one_hot(jet_type, types, len(train)))):
                 parts[name].append(value)
@@ -117,6 +120,7 @@ class JetsExperiment(Experiment):
         require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
         require_int(cfg, "data.workers", minimum=0)
         require_models(cfg, "jet_model", "particle_model")
+        require_bool(cfg, "sampling.clip_denoised")
         require_int(cfg, "eval.num_batches")
         get_field(cfg, "eval.seed")
 
@@ -185,8 +189,10 @@ class JetsExperiment(Experiment):
         batch, num_particles, stats = cfg.sampling.batch_size, cfg.data.num_particles, data.stats[jet_type]
         types = one_hot(jet_type, data.types, n)
         k_jet, k_particle = jax.random.split(key)
+        bounds = data.bounds[jet_type] if cfg.sampling.clip_denoised else {"jet": None, "particle": None}
         jet_std, jet_nfe, jet_seconds = sampler(
-            lambda cond, mask: score_fn_from(models["jet"], self.sde, prediction=cfg.train_jet.prediction, cond=cond),
+            lambda cond, mask: score_fn_from(models["jet"], self.sde, prediction=cfg.train_jet.prediction, cond=cond,
+                                             x0_bounds=bounds["jet"]),
             k_jet, num_samples=n, batch_size=batch, sample_shape=(NUM_JET_FEATURES,), run=run,
             description=f"sample {jet_type} jets", conditions=types)
         # The multiplicity sets the mask; the particle stage sees the jet features it was trained on.
@@ -196,7 +202,7 @@ class JetsExperiment(Experiment):
         mask = jet_transforms.multiplicity_mask(multiplicity, num_particles)
         particles, particle_nfe, particle_seconds = sampler(
             lambda cond, mask: score_fn_from(models["particle"], self.sde, prediction=cfg.train.prediction,
-                                             mask=mask, cond=cond),
+                                             mask=mask, cond=cond, x0_bounds=bounds["particle"]),
             k_particle, num_samples=n, batch_size=batch, sample_shape=(num_particles, NUM_PARTICLE_FEATURES), run=run,
             description=f"sample {jet_type} particles", conditions=np.concatenate([jet_std, types], axis=1),
             mask=mask)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloGeometry
-from fpcd.metrics.classifier import classifier_auc, roc_auc  # noqa: F401  (public here since the calo issue)
+from fpcd.metrics.classifier import classifier_auc, roc_auc, separating_features  # noqa: F401  (public here)
 from fpcd.metrics.distances import wasserstein_1d
 
 RADIAL_EDGES_MM = (0.0, 75.0, 150.0, 250.0, 400.0, 700.0, np.inf)
@@ -86,6 +86,14 @@ def high_level_features(observables: dict, momentum, theta) -> np.ndarray:
     total = observables["energy_over_momentum"] * np.asarray(momentum, np.float64)
     columns += [np.log10(total + 1e-8)[:, None], observables["num_cells"][:, None]]
     return np.concatenate(columns, axis=1).astype(np.float32)
+
+
+def high_level_feature_names(num_layers: int) -> list[str]:
+    """Names of the columns of :func:`high_level_features` with ``num_layers`` layer energies."""
+    edges = RADIAL_EDGES_MM
+    return (["log10 P", "theta"] + [f"log10 E layer {i}" for i in range(num_layers)]
+            + [f"radial fraction {edges[i]:g}-{edges[i + 1]:g} mm" for i in range(len(edges) - 1)]
+            + [f"{k}_{a}" for k in ("centroid", "width") for a in "xyz"] + ["log10 E total", "num_cells"])
 
 
 def voxel_features(images, momentum) -> np.ndarray:
