@@ -139,6 +139,27 @@ def test_trained_model_beats_the_untrained_one(runs):
     assert trained_w1 < 0.9 * untrained_w1, (trained_w1, untrained_w1)
 
 
+def test_separating_features_are_recomputed_from_the_samples(runs):
+    """metrics.json's separating_features of the tiny run equal a recomputation: the held-out
+    showers' and the saved samples' high-level features, each column's own AUC, ranked."""
+    cloud, *_ = runs
+    cfg = calo_config.get_config("tiny")
+    data = CaloExperiment(cfg, progress=False).load_data()
+    n = cfg.sampling.num_samples
+    truth = data.test.take(slice(0, n))
+    metrics = json.loads((cloud / "metrics.json").read_text())
+    with h5py.File(cloud / "samples.h5", "r") as f:
+        cells, keep = f["hcal_cells"][:], f["finite"][:].astype(bool)
+    p, th = truth.momentum[keep], truth.theta[keep]
+    real = calo_metrics.high_level_features(calo_metrics.shower_observables(truth.cells[keep], p), p, th)
+    fake = calo_metrics.high_level_features(calo_metrics.shower_observables(cells[keep], p), p, th)
+    names = calo_metrics.high_level_feature_names(calo.EPIC_FORWARD_HCAL.num_layers)
+    expected = calo_metrics.separating_features(real, fake, names)
+    got = metrics["runs"][next(iter(cfg.sampling.runs))]["cell"]["separating_features"]
+    assert [f["feature"] for f in got] == [f["feature"] for f in expected]
+    np.testing.assert_allclose([f["auc"] for f in got], [f["auc"] for f in expected], rtol=1e-12)
+
+
 def test_point_cloud_samples_respect_stage_one(runs):
     cloud, *_ = runs
     with h5py.File(cloud / "samples.h5", "r") as f:
