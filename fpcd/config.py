@@ -108,7 +108,8 @@ def require_increasing(cfg, dotted: str, *, minimum_count: int = 2) -> tuple[flo
 
 
 def require_range(cfg, dotted: str, *, low: float, high: float, unit: str = "", open_low: bool = False):
-    """A ``(min, max)`` pair of numbers with ``low <= min <= max < high`` (``low < min`` with ``open_low``)."""
+    """A ``(min, max)`` pair of finite numbers with ``low <= min <= max < high`` (``low < min`` with
+    ``open_low``); a scalar, a pair of other types or a NaN is refused naming the field."""
     value = get_field(cfg, dotted)
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     ok = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
@@ -116,8 +117,9 @@ def require_range(cfg, dotted: str, *, low: float, high: float, unit: str = "", 
         lo, hi = (float(v) for v in pair)
         ok = (lo > low if open_low else lo >= low) and lo <= hi < high
     if not ok:
-        bound = f"{low:g} {'<' if open_low else '<='} min <= max < {high:g}"
-        raise ConfigError(f"config.{dotted}={value!r}: need a pair (min, max) with {bound} {unit}".rstrip()
+        bound = f"{low:g} {'<' if open_low else '<='} min <= max" + ("" if high == float("inf") else f" < {high:g}")
+        raise ConfigError(f"config.{dotted}={value!r}: need a pair (min, max) of finite numbers with {bound}"
+                          + (f" ({unit})" if unit else "")
                           + f"; e.g. --config.{dotted}='({max(low, 1.0):g}, {min(high, 100.0) - 1:g})'")
     return float(pair[0]), float(pair[1])
 

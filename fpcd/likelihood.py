@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from fpcd.ode import checked_nfe, solve_dopri5
+from fpcd.ode import as_int, as_number, checked_nfe, solve_dopri5
 from fpcd.sampling import ProbabilityFlow
 from fpcd.sde import VPSDE, expand_mask
 
@@ -125,7 +125,8 @@ def log_likelihood(
     Args:
       score_fn: ``score_fn(x (B, ...), t (B,)) -> (B, ...)`` (an ``eqx.Module`` for reuse).
       sde: the :class:`~fpcd.sde.VPSDE`.
-      x: data ``(B, ...)`` at ``t = t_min`` (in the model's units).
+      x: data ``(B, ...)`` at ``t = t_min`` (in the model's units): a batch axis ``B >= 1`` and
+        at least one feature axis (one sample is ``x[None]``).
       key: PRNG key for the Hutchinson probe (required for ``divergence="hutchinson"``).
       divergence: ``"exact"`` or ``"hutchinson"``.
       rtol, atol: Dopri5 tolerances.
@@ -133,25 +134,47 @@ def log_likelihood(
         dimensions count.
       t_min: start time of the flow (the density returned is that of ``p_{t_min}``).
       probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson only).
+      dt0: magnitude of the first trial step.
+      max_steps: step budget of the solve (a positive integer: Python or NumPy int, or a 0-d
+        integer array).
 
     Returns:
       ``(logp, nfe)``: ``logp`` of shape ``(B,)`` in nats and the number of evaluations of the
       augmented vector field (each is one score call plus its JVPs), from the solver's step
       statistics: a Python int when called eagerly, an int32 array when traced (inside
-      ``jax.jit``/``jax.vmap``). Traced, a solve that ran out of ``max_steps`` returns NaN
-      ``logp`` (check ``jnp.isnan(logp).any()``) instead of raising.
+      ``jax.jit``/``jax.vmap``). Traced, a solve that failed returns NaN ``logp`` (check
+      ``jnp.isnan(logp).any()``) instead of raising: it ran out of ``max_steps``, or its state
+      became NaN/inf. Traced NaN/inf in ``x`` or ``mask`` cannot be refused, so it gives NaN
+      ``logp`` too, after one step (a handful of evaluations), not a full solve.
 
     Raises:
-      ValueError: unknown divergence or probe, missing key, ``t_min`` outside (0, 1).
-      RuntimeError: (eager calls only) the solver ran out of ``max_steps``.
+      ValueError: unknown divergence or probe, missing key, ``t_min`` outside (0, 1), ``max_steps``
+        not a positive integer, ``x`` without a batch axis and a feature axis or with an empty
+        batch, and (eager calls only) NaN/inf in ``x`` or ``mask``.
+      NonFiniteStateError: (eager calls only) the ODE state became NaN/inf because the score
+        returned NaN/inf; raised as soon as it happens, naming the time (a ``RuntimeError``).
+      RuntimeError: (eager calls only) the solver ran out of ``max_steps`` or its step size
+        collapsed.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     if divergence == "hutchinson" and key is None:
         raise ValueError("divergence='hutchinson' needs a PRNG key for its probe")
-    if not isinstance(t_min, jax.core.Tracer) and not 0.0 < t_min < 1.0:
-        raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
+    if not isinstance(t_min, jax.core.Tracer):
+        value = as_number(t_min)
+        if value is None or not 0.0 < value < 1.0:
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
+    steps = as_int(max_steps)
+    if steps is None or steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
     x = jnp.asarray(x)
+    if x.ndim < 2 or x.size == 0:
+        raise ValueError(f"x must have shape (B, ...): a batch axis of B >= 1 samples and at least one non-empty feature "
+                         f"axis, got shape {x.shape}"
+                         + ("; pass one sample as x[None] or scalar samples as x[:, None]" if x.ndim == 1 else ""))
+    for name, value in (("x", x), ("mask", mask)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(value))):
+            raise ValueError(f"{name} holds NaN/inf values; log_likelihood needs finite input")
     m = None if mask is None else expand_mask(mask, x)
     if m is not None:
         x = x * m
@@ -159,7 +182,7 @@ def log_likelihood(
     flow = AugmentedFlow(ProbabilityFlow(score_fn, sde, m), divergence)
     state0 = (x, jnp.zeros((x.shape[0],), x.dtype))
     (z, delta), stats = solve_dopri5(
-        flow, state0, t0=t_min, t1=1.0, rtol=rtol, atol=atol, args=probe_vector, dt0=dt0, max_steps=max_steps,
+        flow, state0, t0=t_min, t1=1.0, rtol=rtol, atol=atol, args=probe_vector, dt0=dt0, max_steps=steps,
         mask=m,
     )
-    return sde.prior_logp(z, m) + delta, checked_nfe(stats, t1=1.0, max_steps=max_steps)
+    return sde.prior_logp(z, m) + delta, checked_nfe(stats, t1=1.0, max_steps=steps)

@@ -22,8 +22,14 @@ batches (:meth:`~Experiment.stages`), how one sampler run generates samples thro
   each run's arrays under ``runs/<name>/``, the first run's also at the top level (the public
   layout of the data).
 * ``mode="eval"``: read the samples back and evaluate; write ``metrics.json`` and print the
-  experiment's console table.
+  experiment's console table. ``metrics.json`` is valid JSON: a NaN or inf value is written as
+  ``null`` and listed under ``"nonfinite"`` with the reason (:func:`explain_nonfinite`).
 * ``mode="all"``: train, distill (when the config has rounds), sample and evaluate.
+
+One run per workdir: a run holds ``<workdir>/.lock`` (:class:`fpcd.io.WorkdirLock`) and a second
+one is refused naming the holder; a mode that is refused writes nothing to the workdir. Expected
+failures (a bad config, data or workdir, a non-finite loss, a full disk) are raised as exceptions;
+:func:`expected_error_message` gives their one-line message.
 
 Multi-process jobs (``jax.distributed``): every process runs the same code on the same host
 data; each builds only its own rows of each training batch (:func:`process_rows`) and feeds them
@@ -50,11 +56,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from fpcd.checkpoint import Checkpointer
+from fpcd.checkpoint import Checkpointer, CheckpointMismatchError, UnreadableCheckpointError
 from fpcd.config import (DISTILL_OPTIMISATION_FIELDS, ConfigError, loss_options, require_strings, student_steps,
                          validate_common)
 from fpcd.distill import init_student_state, make_distill_step
-from fpcd.io import atomic_write, write_json
+from fpcd.io import (DiskFullError, WorkdirLock, WorkdirLockedError, atomic_write, disk_full_path, is_disk_full,
+                     nonfinite_entries, write_json)
 from fpcd.parallel import batch_sharding, replicate, shard_batch
 from fpcd.sampling import sample
 from fpcd.sde import VPSDE
@@ -183,6 +190,12 @@ class Experiment(abc.ABC):
     def stages(self, data) -> tuple[Stage, ...]:
         """The trained models, in training order."""
 
+    def training_examples(self, data) -> dict[str, int]:
+        """``training section -> number of training examples`` its batches draw from (e.g.
+        ``{"train": 20000}``); a ``batch_size`` above it is refused before any training
+        (:func:`check_batch_sizes`). Default: no check."""
+        return {}
+
     def sample_groups(self, data) -> tuple[str, ...]:
         """Names of the groups sampled separately (e.g. jet types); ``("",)``: one group."""
         return ("",)
@@ -208,7 +221,9 @@ class Experiment(abc.ABC):
         ``config.eval.evaluators`` names the ones that run, in order.
 
         ``samples`` is ``group -> run name -> RunSamples``. Evaluators run on every process; figures
-        are written to ``figures_dir`` when it is not None (process 0).
+        are written to ``figures_dir`` when it is not None (process 0). An evaluator may say why a
+        value is NaN or inf with a ``"nonfinite"`` entry ``{dotted path or its prefix: reason}``
+        (:func:`explain_nonfinite`).
         """
 
     def evaluate(self, data, samples: dict, models: dict, *, figures_dir: str | None) -> dict:
@@ -332,16 +347,47 @@ def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]) 
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"workdir {workdir}: {path} cannot be read ({err}); choose another --workdir") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"workdir {workdir}: {path} does not hold a config; choose another --workdir")
+    compare_run(saved, config, identity_fields, f"workdir {workdir}")
+    return True
+
+
+def compare_run(saved: dict, config: dict, identity_fields: tuple[str, ...], where: str) -> None:
+    """Raise :class:`ConfigError` (``"<where> holds a run of ..."``) unless the recorded config ``saved``
+    is a run of ``config``: the same experiment and the same values under ``identity_fields``."""
     if saved.get("experiment") != config.get("experiment"):
-        raise ConfigError(f"workdir {workdir} holds a run of the {saved.get('experiment')!r} experiment, not "
+        raise ConfigError(f"{where} holds a run of experiment {saved.get('experiment')!r}, not "
                           f"{config.get('experiment')!r}; choose another --workdir")
     details = config_differences(saved, config, identity_fields)
     if details:
-        raise ConfigError(f"workdir {workdir} holds a run of a different config ({details}); "
+        raise ConfigError(f"{where} holds a run of a different config ({details}); "
                           "choose another --workdir or remove that one")
-    return True
+
+
+def check_checkpoints(workdir: str, config: dict, identity_fields: tuple[str, ...]) -> None:
+    """Refuse a workdir whose checkpoints were saved by a run of another config (compared as in
+    :func:`check_workdir`, on the config stored with each stage's newest readable step), before
+    restoring them would fail on the arrays' shapes; e.g. a workdir whose ``config.json`` was
+    removed."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        directory = os.path.join(root, name)
+        if not os.path.isdir(directory):
+            continue
+        with Checkpointer(directory, save_every=1) as checkpointer:
+            for step in sorted(checkpointer.all_steps(), reverse=True):
+                saved = checkpointer.saved_config(step)
+                if saved is not None:
+                    compare_run(saved, config, identity_fields, f"workdir {workdir} (checkpoints/{name}/{step})")
+                    break
 
 
 def config_differences(saved: dict, config: dict, fields: tuple[str, ...]) -> str:
@@ -362,6 +408,35 @@ def prepare_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...]
     if is_main_process():
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, CONFIG_FILE), config)
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+    """Take ``workdir``'s lock (:class:`fpcd.io.WorkdirLock`) on process 0; collective. Every process
+    raises :class:`fpcd.io.WorkdirLockedError` when another run holds it. Release it with
+    ``.release()``."""
+    lock, error = WorkdirLock(workdir), None
+    if is_main_process():
+        try:
+            lock.acquire()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = err
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if refused and error is None:
+            error = WorkdirLockedError(f"workdir {workdir} is in use by another run (process 0 could not lock it)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def check_batch_sizes(experiment: "Experiment", data) -> None:
+    """Raise :class:`ConfigError` naming the field when a training section's ``batch_size`` exceeds
+    the training examples its batches draw from (:meth:`Experiment.training_examples`)."""
+    for section, count in experiment.training_examples(data).items():
+        batch_size = int(experiment.cfg[section].batch_size)
+        if batch_size > int(count):
+            raise ConfigError(f"config.{section}.batch_size={batch_size} exceeds the {int(count)} training examples "
+                              f"it draws from; lower config.{section}.batch_size or use more training data")
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -442,8 +517,15 @@ class TrainLog:
         if not self.enabled:
             return
         record = {"stage": stage, **row, "time": time.time()}
-        with open(os.path.join(self.workdir, TRAIN_LOG_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(self.workdir, TRAIN_LOG_FILE)
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(path, "the checkpoints written before are intact: free some space and run "
+                                          "again to resume from the newest") from err
+            raise
         writer = self._writer(stage)
         if writer is not None:
             for name in ("loss", "grad_norm", "learning_rate", "steps_per_second"):
@@ -481,8 +563,9 @@ def read_train_log(workdir: str) -> list[dict]:
 
 def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, log: TrainLog,
                 progress: bool = True, measure_memory: bool = False):
-    """Train ``stage`` from its newest checkpoint to ``stage.train.num_steps``. Returns ``(state, info)``;
-    with ``measure_memory`` (and a ``stage.probe_batch``) ``info`` has the step's planned memory."""
+    """Train ``stage`` from its newest readable checkpoint to ``stage.train.num_steps`` (newer unreadable
+    steps are set aside as ``<step>.unreadable``). Returns ``(state, info)``; with ``measure_memory``
+    (and a ``stage.probe_batch``) ``info`` has the step's planned memory."""
     state, step_fn = make_stage_state(stage, sde, mesh)
     rows = process_rows(mesh, stage.train.batch_size)
     schedule = learning_rate_schedule(**_optimizer_options(stage.train))
@@ -493,7 +576,7 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
     t = stage.train
     with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=t.checkpoint_every,
                       max_to_keep=t.keep_checkpoints, config=config) as checkpointer:
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(state, set_aside_unreadable=True)
         if restored is not None and stage.teacher is not None and stage.teacher.provenance:
             saved = checkpointer.saved_config()
             details = "" if saved is None else config_differences(saved, config, stage.teacher.provenance)
@@ -519,8 +602,9 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
 
 
 def restore_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, hint: str = "run with --mode=train first"):
-    """The newest checkpointed train state of ``stage``; :class:`ConfigError` (ending in ``hint``)
-    when there is none."""
+    """The newest readable checkpointed train state of ``stage`` (unreadable newer steps are skipped
+    with a note, :meth:`fpcd.checkpoint.Checkpointer.restore`); :class:`ConfigError` (ending in
+    ``hint``) when there is none."""
     if not os.path.isdir(checkpoint_dir(workdir, stage.name)):  # opening a Checkpointer would create it
         raise ConfigError(f"no checkpoint of stage {stage.name!r} in {workdir}; {hint}")
     state, _ = make_stage_state(stage, sde, mesh)
@@ -614,12 +698,7 @@ def distill(experiment: Experiment, stages, teachers: dict, mesh, workdir: str) 
     student's EMA model``."""
     cfg = experiment.cfg
     rounds = student_steps(cfg)
-    for stage in stages:
-        with Checkpointer(checkpoint_dir(workdir, stage.name), save_every=1) as checkpointer:
-            trained = checkpointer.latest_step() or 0
-        if trained < stage.train.num_steps:
-            raise ConfigError(f"stage {stage.name!r} has trained {trained} of its {stage.train.num_steps} steps; "
-                              "finish training (--mode=train) before distilling it")
+    require_trained(stages, workdir)
     students = {steps: {} for steps in rounds}
     log = TrainLog(workdir)
     try:
@@ -636,6 +715,19 @@ def distill(experiment: Experiment, stages, teachers: dict, mesh, workdir: str) 
         log.close()
     _plot_losses(workdir, {student_name(stage.name, k) for stage in stages for k in rounds}, DISTILL_CURVES_FILE)
     return students
+
+
+def require_trained(stages, workdir: str) -> None:
+    """Raise :class:`ConfigError` unless every stage has checkpointed all its training steps."""
+    for stage in stages:
+        directory = checkpoint_dir(workdir, stage.name)
+        trained = 0
+        if os.path.isdir(directory):  # opening a Checkpointer would create it
+            with Checkpointer(directory, save_every=1) as checkpointer:
+                trained = checkpointer.latest_step() or 0
+        if trained < stage.train.num_steps:
+            raise ConfigError(f"stage {stage.name!r} has trained {trained} of its {stage.train.num_steps} steps; "
+                              "finish training (--mode=train) before distilling it")
 
 
 def restore_students(experiment: Experiment, stages, mesh, workdir: str, steps: tuple[int, ...]) -> dict:
@@ -830,11 +922,69 @@ def read_samples(path: str) -> dict:
 # --- the whole job ---------------------------------------------------------------------------------
 
 
+NONFINITE_REASON = ("it could not be computed from the samples (e.g. generated values are non-finite, or too few "
+                    "are finite)")
+
+
+def explain_nonfinite(metrics: dict) -> dict:
+    """Replace ``metrics["nonfinite"]`` (the evaluators' reasons: ``{dotted path or prefix: reason}``)
+    by the table of every NaN or inf value in ``metrics``: ``{dotted path: "nan, written as null:
+    <reason>"}``, the reason of the longest given prefix of the path or a generic one; dropped when
+    every value is finite. Returns ``metrics`` (changed in place); :func:`fpcd.io.write_json` writes
+    the values themselves as ``null``."""
+    given = metrics.pop("nonfinite", None) or {}
+    table = {}
+    for path, value in nonfinite_entries(metrics).items():
+        parts = path.split(".")
+        prefixes = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+        reason = next((given[p] for p in prefixes if p in given), NONFINITE_REASON)
+        table[path] = f"{value}, written as null: {reason}"
+    if table:
+        metrics["nonfinite"] = table
+    return metrics
+
+
+def expected_error_message(err: BaseException, workdir: str | None = None) -> str | None:
+    """The one-line message of an expected failure, or None for any other exception (a bug, whose
+    traceback should show).
+
+    Expected: :class:`~fpcd.config.ConfigError`, the data errors (``CaloDataError``,
+    ``EicDataError``, ``JetDataError``), :class:`~fpcd.train.NonFiniteLossError`, a refused or busy
+    workdir (:class:`~fpcd.io.WorkdirLockedError`), a checkpoint of another model or with no
+    readable step, and a full disk (any error caused by ``ENOSPC``; the message says "no space left
+    on device" and names the path, or ``workdir`` when the error names none).
+    """
+    from fpcd.data.calo import CaloDataError
+    from fpcd.data.eic import EicDataError
+    from fpcd.data.jetnet import JetDataError
+    from fpcd.train import NonFiniteLossError
+
+    if is_disk_full(err):
+        full = err if isinstance(err, DiskFullError) else None
+        cause = err
+        while full is None and cause is not None:  # a DiskFullError further down the chain names the file
+            cause = cause.__cause__ or cause.__context__
+            full = cause if isinstance(cause, DiskFullError) else None
+        message = str(full) if full is not None else \
+            f"no space left on device writing {disk_full_path(err) or workdir or 'the output'}: free some space and " \
+            "run again (files written before are intact)"
+    elif isinstance(err, (ConfigError, CaloDataError, EicDataError, JetDataError, NonFiniteLossError,
+                          WorkdirLockedError, CheckpointMismatchError, UnreadableCheckpointError)):
+        message = str(err)
+    else:
+        return None
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) -> dict | None:
     """Run ``mode`` (``train``, ``distill``, ``sample``, ``eval`` or ``all``) of ``experiment`` in ``workdir``.
 
     Returns the metrics (``eval`` and ``all``) or None. Raises :class:`ConfigError` for a bad
-    config, a workdir of another run, or a mode that needs a run the workdir does not hold.
+    config, a workdir of another run (its ``config.json`` or its checkpoints), a training batch
+    larger than the training data, or a mode that needs a run the workdir does not hold;
+    :class:`fpcd.io.WorkdirLockedError` while another run holds the workdir; the data errors of the
+    experiment, :class:`~fpcd.train.NonFiniteLossError` and :class:`~fpcd.io.DiskFullError` as they
+    happen. A refused mode writes nothing to the workdir.
     """
     if mode not in MODES:
         raise ConfigError(f"--mode={mode!r} is not one of {MODES}")
@@ -846,17 +996,35 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
     config = cfg.to_dict()
     if mode in ("distill", "sample", "eval") and not check_workdir(workdir, config, experiment.IDENTITY_FIELDS):
         raise ConfigError(f"workdir {workdir} holds no run; run with --mode=train (or all) first")
+    lock = lock_workdir(workdir)
+    try:
+        return _run_mode(experiment, workdir, mode, mesh, config)
+    finally:
+        lock.release()
+
+
+def _run_mode(experiment: Experiment, workdir: str, mode: str, mesh, config: dict) -> dict | None:
+    """:func:`train_and_evaluate` once the workdir is locked: config.json is written only once the
+    mode has what it needs (checkpoints, samples)."""
+    cfg = experiment.cfg
+    check_workdir(workdir, config, experiment.IDENTITY_FIELDS)
+    check_checkpoints(workdir, config, experiment.IDENTITY_FIELDS)
     data = experiment.load_data()
-    prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
+    if mode in ("train", "distill", "all"):
+        check_batch_sizes(experiment, data)
     stages = experiment.stages(data)
     models = students = None
     if mode in ("train", "all"):
+        prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
         models = train(experiment, stages, mesh, workdir)
         if mode == "train":
             return None
     if models is None:
         models = restore_models(experiment, stages, mesh, workdir)
     if mode == "distill" or (mode == "all" and student_steps(cfg)):
+        if mode == "distill":
+            require_trained(stages, workdir)
+            prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
         students = distill(experiment, stages, models, mesh, workdir)
         if mode == "distill":
             return None
@@ -865,6 +1033,8 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
         wanted = sampled_students(cfg)
         students = ({k: students[k] for k in wanted} if students is not None
                     else restore_students(experiment, stages, mesh, workdir, wanted))
+        if mode == "sample":
+            prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
         samples = generate_all(experiment, data, models, mesh, students=students)
         for group in groups:
             write_samples(os.path.join(workdir, experiment.samples_file(group)), samples[group],
@@ -873,10 +1043,12 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
             return None
     else:
         samples = {group: read_samples(os.path.join(workdir, experiment.samples_file(group))) for group in groups}
+        prepare_workdir(workdir, config, experiment.IDENTITY_FIELDS)
     metrics = experiment.evaluate(data, samples, models, figures_dir=workdir if is_main_process() else None)
     train_info = read_json(os.path.join(workdir, TRAIN_INFO_FILE))
     if train_info:
         metrics["train"] = train_info
+    explain_nonfinite(metrics)
     if is_main_process():
         write_json(os.path.join(workdir, METRICS_FILE), metrics)
     say(f"results in {os.path.abspath(workdir)}")

@@ -38,7 +38,9 @@ the prior in the default float dtype, so inside ``jax.enable_x64(True)`` they ru
 
 Every method works inside ``jax.jit`` and ``jax.vmap`` (e.g. over keys). Called eagerly,
 :func:`sample` returns the NFE as a Python int and raises ``RuntimeError`` when the ODE solver
-runs out of ``max_steps``; traced, the NFE is an int32 array and a failed ODE solve returns NaN
+runs out of ``max_steps``, and :class:`~fpcd.ode.NonFiniteStateError` (a ``RuntimeError``) as
+soon as the ODE state becomes NaN/inf (the score returned NaN/inf: the solve stops there instead of
+spending its step budget); traced, the NFE is an int32 array and a failed ODE solve returns NaN
 samples instead of raising.
 
 Masks: ``mask`` (1 = real, 0 = padding) is ``(B, N)`` for clouds ``x (B, N, D)`` or broadcastable
@@ -55,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcd.ode import checked_nfe, solve_dopri5
+from fpcd.ode import as_int, as_number, checked_nfe, solve_dopri5
 from fpcd.sde import VPSDE, broadcast_time, expand_mask, mask_or_ones
 
 METHOD_DEFAULTS = {
@@ -335,6 +337,8 @@ _SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m, "heun":
 
 
 def _check_options(method: str, opts: dict) -> dict:
+    """The method's defaults updated with ``opts``, validated; integers (Python, NumPy or 0-d
+    integer arrays) come back as Python ints and numbers as Python floats."""
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {sorted(METHOD_DEFAULTS)}")
     allowed = METHOD_DEFAULTS[method]
@@ -344,16 +348,23 @@ def _check_options(method: str, opts: dict) -> dict:
     merged = {**allowed, **opts}
     for name in ("steps", "corrector_steps", "max_steps"):
         if name in merged:
-            value = merged[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"sampling option {name} must be a positive integer, got {value!r}")
+            value = as_int(merged[name])
+            if value is None or value < 1:
+                raise ValueError(f"sampling option {name} must be a positive integer, got {merged[name]!r}")
+            merged[name] = value
+    for name in ("snr", "rtol", "atol", "dt0", "rho", "eta", "t_min"):
+        if name in merged:
+            value = as_number(merged[name])
+            if value is None or not np.isfinite(value):
+                raise ValueError(f"sampling option {name} must be a finite number, got {merged[name]!r}")
+            merged[name] = value
     for name in ("snr", "rtol", "atol", "dt0", "rho"):
-        if name in merged and not (isinstance(merged[name], (int, float)) and merged[name] > 0):
-            raise ValueError(f"sampling option {name} must be a positive number, got {merged[name]!r}")
-    if "eta" in merged and not (isinstance(merged["eta"], (int, float)) and 0.0 <= merged["eta"] <= 1.0):
-        raise ValueError(f"sampling option eta must lie in [0, 1], got {merged['eta']!r}")
-    if not (isinstance(merged["t_min"], (int, float)) and 0.0 < merged["t_min"] < 1.0):
-        raise ValueError(f"sampling option t_min must lie in (0, 1), got {merged['t_min']!r}")
+        if name in merged and not merged[name] > 0:
+            raise ValueError(f"sampling option {name} must be a positive number, got {opts.get(name, merged[name])!r}")
+    if "eta" in merged and not 0.0 <= merged["eta"] <= 1.0:
+        raise ValueError(f"sampling option eta must lie in [0, 1], got {opts.get('eta', merged['eta'])!r}")
+    if not 0.0 < merged["t_min"] < 1.0:
+        raise ValueError(f"sampling option t_min must lie in (0, 1), got {opts.get('t_min', merged['t_min'])!r}")
     return merged
 
 
@@ -385,18 +396,26 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
       sharding: optional sharding of the batch (e.g. ``fpcd.parallel.batch_sharding(mesh)``):
         the samples are then computed data-parallel over its devices. Results do not depend on it.
 
+    Integer options (``steps``, ``corrector_steps``, ``max_steps``) may be Python or NumPy
+    integers or 0-d integer arrays (not ``bool``); number options any real scalar.
+
     Returns:
       ``(x, nfe)``: samples ``(B, ...)`` (exactly 0 where masked) and the number of score
       evaluations per sample: a Python int when called eagerly, an int32 array when traced
-      (inside ``jax.jit``/``jax.vmap``). Traced, an ODE solve that ran out of ``max_steps``
-      returns NaN samples (check ``jnp.isnan(x).any()``) instead of raising.
+      (inside ``jax.jit``/``jax.vmap``). Traced, an ODE solve that failed (out of ``max_steps``,
+      or stopped because the score returned NaN/inf) returns NaN samples (check
+      ``jnp.isnan(x).any()``) instead of raising.
 
     Raises:
-      ValueError: unknown method, unknown option or invalid option value.
-      RuntimeError: (eager calls only) the ODE solver ran out of ``max_steps``.
+      ValueError: unknown method, unknown option, invalid option value, or a mask of the wrong
+        shape or (when concrete) holding NaN/inf.
+      NonFiniteStateError: (eager ``"ode"`` only) the ODE state became NaN/inf because the score
+        returned NaN/inf; raised as soon as it happens, naming the time (a ``RuntimeError``).
+      RuntimeError: (eager ``"ode"`` only) the solver ran out of ``max_steps`` or its step size
+        collapsed.
 
     Works inside ``jax.jit`` and ``jax.vmap``; ``shape``, ``method`` and ``opts`` must be
-    Python values there.
+    Python (or concrete NumPy) values there.
     """
     merged = _check_options(method, opts)
     shape = tuple(int(s) for s in shape)
@@ -408,6 +427,8 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
             np.broadcast_shapes(mask.shape + (1,) * (len(shape) - mask.ndim), shape)
         except ValueError as err:
             raise ValueError(f"mask of shape {mask.shape} does not broadcast to the sample shape {shape}") from err
+        if not isinstance(mask, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(mask))):
+            raise ValueError("mask holds NaN/inf values; expected 1 (real) or 0 (padding)")
     if method == "ode":
         x, stats = _ode(score_fn, sde, key, shape, mask, sharding=sharding, **merged)
         return x, checked_nfe(stats, t1=merged["t_min"], max_steps=merged["max_steps"])

@@ -127,3 +127,10 @@ def expected_log_steps(train_section, start: int = 0) -> list[int]:
     n = train_section.num_steps
     steps = {s for s in range(1, n + 1) if s % train_section.log_every == 0 or s % train_section.checkpoint_every == 0}
     return sorted(s for s in steps | {n} if s > start)
+
+
+@pytest.fixture(scope="session")
+def tiny_jet_cache(tmp_path_factory):
+    """One jet cache directory for the tiny jets and anomaly runs (the same q and t jets: generated
+    once by whichever runs first)."""
+    return tmp_path_factory.mktemp("tiny_jet_cache")

@@ -33,10 +33,10 @@ def _main(workdir, cache, *args, devices=None):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_jet_cache):
     """The tiny preset as two processes of one CPU device each (``launch.sh --local --processes 2``)."""
     workdir = tmp_path_factory.mktemp("jets_tiny")
-    cache = tmp_path_factory.mktemp("jet_cache")
+    cache = tiny_jet_cache
     proc = run_launch(TINY, f"--workdir={workdir}", f"--config.data.cache_dir={cache}", processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, cache, proc

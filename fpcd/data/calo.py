@@ -389,6 +389,18 @@ def _simulate_chunk(rng, momentum, theta, phi, g: CaloGeometry, max_cells: int, 
     return cells, cluster, dropped, truth
 
 
+def _finite_pair(name, value):
+    """``(min, max)`` of a range argument as floats; ValueError naming ``name`` unless it is two
+    finite numbers."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected (min, max)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name}={value!r}: need finite (min, max)")
+    return lo, hi
+
+
 def simulate(num_showers: int, *, momentum_range=(1.0, 100.0), theta_range=(16.0, 18.0), phi: float = 0.0,
              spectrum: str = "log-uniform", seed: int = 0, geometry: CaloGeometry = EPIC_FORWARD_HCAL,
              max_cells: int | None = None, particle: str = "pion", progress: bool = False,
@@ -412,15 +424,26 @@ def simulate(num_showers: int, *, momentum_range=(1.0, 100.0), theta_range=(16.0
 
     Returns:
       :class:`ShowerSet` (and the truth dict when asked).
+
+    Raises:
+      ValueError: naming the argument: a momentum range that is not finite with
+        ``0 < min <= max``, a theta range outside ``0 <= min <= max < 60``, a non-finite ``phi``,
+        an unknown ``spectrum`` or ``particle``, a non-integer or non-positive ``num_showers`` or
+        ``max_cells``, a non-integer ``seed``.
     """
     g = geometry
+    for name, value in (("num_showers", num_showers), ("max_cells", max_cells), ("seed", seed)):
+        if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{name}={value!r}: expected an integer")
     max_cells = g.max_cells if max_cells is None else int(max_cells)
-    lo, hi = (float(v) for v in momentum_range)
-    t_lo, t_hi = (float(v) for v in theta_range)
+    lo, hi = _finite_pair("momentum_range", momentum_range)
+    t_lo, t_hi = _finite_pair("theta_range", theta_range)
     if not (0 < lo <= hi):
         raise ValueError(f"momentum_range={momentum_range!r}: need 0 < min <= max (GeV)")
     if not (0 <= t_lo <= t_hi < 60):
         raise ValueError(f"theta_range={theta_range!r}: need 0 <= min <= max < 60 degrees")
+    if not math.isfinite(float(phi)):
+        raise ValueError(f"phi={phi!r}: expected a finite angle in degrees")
     if spectrum not in ("log-uniform", "uniform"):
         raise ValueError(f"spectrum={spectrum!r}: expected 'log-uniform' or 'uniform'")
     if particle not in PARTICLES:
@@ -465,10 +488,17 @@ def _check_group(g: CaloGeometry, group: int):
 
 def to_voxels(cells, geometry: CaloGeometry = EPIC_FORWARD_HCAL, group: int = 5) -> np.ndarray:
     """Voxel images ``(N, L/group, C/group, C/group)`` (axes layer, x, y): each voxel sums the
-    energies of the ``group^3`` cells it contains (masked cells ignored)."""
+    energies of the ``group^3`` cells it contains (masked cells ignored).
+
+    Raises:
+      ValueError: ``cells`` not of shape ``(N, C, 5)`` = (E, x, y, z, mask), or a ``group`` that
+        does not divide the grid.
+    """
     g = geometry
     _check_group(g, group)
     cells = np.asarray(cells)
+    if cells.ndim != 3 or cells.shape[2] != 5:
+        raise ValueError(f"cells must have shape (N, C, 5) = (E, x, y, z, mask), got shape {cells.shape}")
     n = len(cells)
     layer, ix, iy = cell_indices(cells[..., 1:4], g)
     shape = (g.num_layers // group, g.num_cells // group, g.num_cells // group)
@@ -491,10 +521,17 @@ def voxel_centres(geometry: CaloGeometry = EPIC_FORWARD_HCAL, group: int = 5):
 def from_voxels(images, geometry: CaloGeometry = EPIC_FORWARD_HCAL, group: int = 5,
                 max_cells: int | None = None) -> np.ndarray:
     """Point clouds ``(N, M, 5)`` = (E, x, y, z, mask) with one point per non-zero voxel at its
-    centre, most energetic first; ``M`` is ``max_cells`` or the largest count."""
+    centre, most energetic first; ``M`` is ``max_cells`` or the largest count.
+
+    Raises:
+      ValueError: ``images`` not of shape ``(N, L/group, C/group, C/group)``.
+    """
     images = np.asarray(images)
-    n = len(images)
     z, x, y = voxel_centres(geometry, group)
+    if images.ndim != 4 or images.shape[1:] != (len(z), len(x), len(y)):
+        raise ValueError(f"images must have shape (N, {len(z)}, {len(x)}, {len(y)}) = (showers, layer, x, y) for "
+                         f"group={group}, got shape {images.shape}")
+    n = len(images)
     flat = images.reshape(n, -1)
     counts = (flat > 0).sum(axis=1)
     m = int(max_cells if max_cells is not None else max(int(counts.max(initial=0)), 1))
@@ -538,9 +575,27 @@ def _read(f, path, name, ndim, last=None):
     return values
 
 
+def _refuse_rows(path, name, bad, problem, values=None):
+    """Raise :class:`CaloDataError` naming the file, the dataset, the number of bad rows and the
+    first one (with its value) when any of ``bad (N,)`` is True."""
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        value = "" if values is None else f", value {values[rows[0]]:g}"
+        raise CaloDataError(f"{path}: dataset {name!r}: {problem} in {len(rows)} row(s) (first: row {int(rows[0])}"
+                            f"{value})")
+
+
 def load(path: str):
     """Read a calorimeter file: the point-cloud layout (:class:`ShowerSet`) or the CaloChallenge
-    layout (:class:`CaloChallengeSet`). Raises :class:`CaloDataError` naming the file and problem."""
+    layout (:class:`CaloChallengeSet`).
+
+    Raises:
+      CaloDataError: naming the file, the dataset and the first bad row: a missing file or dataset,
+        a wrong shape, NaN/inf values, a mask other than 0/1, negative cell (voxel) energies, a
+        generated (incident) momentum that is not positive, ``N_cells`` (``cluster[:, 3]``)
+        differing from the number of real cells in ``hcal_cells``, or a ``dropped_energy`` of the
+        wrong length or negative.
+    """
     with open_hdf5(path, CaloDataError) as f:
         if "hcal_cells" in f or "cluster" in f:
             cells = _read(f, path, "hcal_cells", 3, 5)
@@ -552,13 +607,30 @@ def load(path: str):
                 raise CaloDataError(f"{path}: the mask column of hcal_cells (index 4) must be 0 or 1")
             if np.any(cells[..., 0][mask == 1] < 0):
                 raise CaloDataError(f"{path}: hcal_cells holds negative cell energies")
-            dropped = _read(f, path, "dropped_energy", 1) if "dropped_energy" in f else None
+            _refuse_rows(path, "cluster", ~(cluster[:, 0] > 0), "the generated momentum P_gen (column 0) is not "
+                         "positive", cluster[:, 0])
+            counts = mask.sum(axis=1)
+            wrong = cluster[:, 3] != counts
+            if wrong.any():
+                row = int(np.argmax(wrong))
+                raise CaloDataError(f"{path}: dataset 'cluster': N_cells (column 3) differs from the number of real "
+                                    f"cells (mask 1) in 'hcal_cells' in {int(wrong.sum())} row(s) (first: row {row}, "
+                                    f"N_cells {cluster[row, 3]:g} but {counts[row]:g} real cells)")
+            dropped = None
+            if "dropped_energy" in f:
+                dropped = _read(f, path, "dropped_energy", 1)
+                if len(dropped) != len(cells):
+                    raise CaloDataError(f"{path}: dataset 'dropped_energy' has {len(dropped)} rows but hcal_cells "
+                                        f"has {len(cells)} showers")
+                _refuse_rows(path, "dropped_energy", dropped < 0, "negative energy", dropped)
             return ShowerSet(cells, cluster, dropped)
         if "showers" in f or "incident_energies" in f:
             energies = _read(f, path, "incident_energies", 2, 1)[:, 0]
             showers = _read(f, path, "showers", 2)
             if len(energies) != len(showers):
                 raise CaloDataError(f"{path}: incident_energies has {len(energies)} rows but showers {len(showers)}")
+            _refuse_rows(path, "incident_energies", ~(energies > 0), "the incident energy is not positive", energies)
+            _refuse_rows(path, "showers", np.any(showers < 0, axis=1), "negative voxel energies")
             return CaloChallengeSet(energies, showers)
         raise CaloDataError(f"{path}: unknown layout (datasets {sorted(f.keys())}); expected 'hcal_cells' + "
                             "'cluster' (point cloud) or 'incident_energies' + 'showers' (CaloChallenge)")

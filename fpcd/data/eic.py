@@ -352,13 +352,21 @@ def generate(
       progress: show a progress bar advanced per chunk.
 
     Raises:
+      ValueError: ``num_events`` or ``chunk_size`` not a positive integer, ``seed`` not an
+        integer, ``q2_min`` not a positive finite number (named).
       EicDataError: when a generated particle falls outside the 9 species classes (naming its PDG id).
     """
-    if num_events < 1:
-        raise ValueError(f"num_events must be positive, got {num_events}")
+    q2 = q2_min if settings is None else settings.q2_min
+    if isinstance(q2, (bool, np.bool_)) or not isinstance(q2, (int, float, np.integer, np.floating)) \
+            or not (np.isfinite(q2) and q2 > 0):
+        raise ValueError(f"q2_min must be a positive finite number (GeV^2), got {q2!r}")
+    for name, value in (("num_events", num_events), ("chunk_size", chunk_size), ("seed", seed)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_events < 1 or chunk_size < 1:
+        raise ValueError(f"num_events and chunk_size must be positive, got num_events={num_events}, "
+                         f"chunk_size={chunk_size}")
     settings = settings or GeneratorSettings(q2_min=float(q2_min))
-    if not settings.q2_min > 0:
-        raise ValueError(f"q2_min must be positive, got {settings.q2_min}")
     from tqdm.auto import tqdm
 
     sizes = [min(chunk_size, num_events - start) for start in range(0, num_events, chunk_size)]

@@ -141,9 +141,35 @@ class GeneratorSettings:
     jet_radius: float = 0.8
     extra: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        numbers = {name: getattr(self, name) for name in ("min_particle_pt", "pthat_min", "pthat_max", "jet_pt_min",
+                                                          "jet_pt_max", "max_abs_eta", "jet_radius")}
+        for name, value in numbers.items():
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value):
+                raise ValueError(f"GeneratorSettings.{name}={value!r}: expected a finite number")
+        if self.min_particle_pt < 0:
+            raise ValueError(f"GeneratorSettings.min_particle_pt={self.min_particle_pt!r}: must be >= 0 GeV")
+        for low, high in (("pthat_min", "pthat_max"), ("jet_pt_min", "jet_pt_max")):
+            if not 0 <= numbers[low] < numbers[high]:
+                raise ValueError(f"GeneratorSettings.{low}={numbers[low]!r}, {high}={numbers[high]!r}: need "
+                                 f"0 <= {low} < {high}")
+        for name in ("max_abs_eta", "jet_radius"):
+            if not numbers[name] > 0:
+                raise ValueError(f"GeneratorSettings.{name}={numbers[name]!r}: must be positive")
+
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _check_integer(name: str, value, minimum: int | None = 1) -> int:
+    """``value`` as an int (Python or NumPy integer, not bool), else ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r}: expected an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r}: must be >= {minimum}")
+    return int(value)
 
 
 def pythia_settings(jet_type: str, seed: int, settings: GeneratorSettings) -> list[str]:
@@ -300,10 +326,14 @@ def generate(
       chunk_size: jets per chunk, the unit of work of one worker (and of the seeds: changing it
         changes the jets).
       progress: show a progress bar, advanced as each chunk finishes.
+
+    Raises:
+      ValueError: an unknown jet type, or ``num_jets``, ``num_particles``, ``chunk_size`` not
+        positive integers or ``seed`` not an integer (named).
     """
     check_jet_type(jet_type)
-    if num_jets < 1 or num_particles < 1:
-        raise ValueError(f"num_jets ({num_jets}) and num_particles ({num_particles}) must be positive")
+    num_jets, num_particles = _check_integer("num_jets", num_jets), _check_integer("num_particles", num_particles)
+    seed, chunk_size = _check_integer("seed", seed, None), _check_integer("chunk_size", chunk_size)
     from tqdm.auto import tqdm
 
     sizes = [min(chunk_size, num_jets - start) for start in range(0, num_jets, chunk_size)]
@@ -352,8 +382,10 @@ def load(path: str, *, jet_type: str | None = None, num_particles: int | None = 
         ``jet_features`` is clipped to it, as the jetnet loader does); must not exceed the file's.
 
     Raises:
-      JetDataError: missing file or dataset, wrong shapes, NaN/inf, or an inconsistent type,
-        with the file and the problem named.
+      JetDataError: missing file or dataset, wrong shapes, NaN/inf, an inconsistent type, or
+        physically invalid jets (:func:`check_jets`: a mask other than 0/1, a jet without a real
+        particle, a real particle's ``pt_rel`` outside ``(0, 1]``, a jet pT that is not positive
+        or a negative jet mass), with the file, the dataset and the first bad jet named.
     """
     with open_hdf5(path, JetDataError) as f:
         for name in ("particle_features", "jet_features"):
@@ -395,7 +427,43 @@ def load(path: str, *, jet_type: str | None = None, num_particles: int | None = 
         particles = particles[:, :num_particles]
         features = features.copy()
         features[:, 3] = np.minimum(features[:, 3], num_particles)
+    check_jets(particles, features, path)
     return JetSet(inferred, particles, features)
+
+
+PT_REL_TOLERANCE = 1e-3  # pt_rel may exceed 1 by float32 rounding (a constituent outweighing its jet
+# needs others pointing more than 90 degrees away in phi, which an R = 0.8 jet cannot hold by much)
+
+
+def check_jets(particles: np.ndarray, features: np.ndarray, path: str = "jets") -> None:
+    """Raise :class:`JetDataError` naming ``path``, the dataset and the first bad jet when the
+    (finite) arrays of the JetNet layout are physically invalid: a mask (column 3 of
+    ``particle_features``) other than 0 or 1, a jet with no real particle, a real particle whose
+    ``pt_rel`` is not in ``(0, 1 + PT_REL_TOLERANCE]``, or a jet whose pT (column 0 of
+    ``jet_features``) is not positive or whose mass (column 2) is negative."""
+    mask = particles[..., 3]
+    checks = [
+        ("particle_features", (mask != 0) & (mask != 1), "the mask (column 3) is neither 0 nor 1", mask),
+        ("particle_features", (mask == 1) & ~(particles[..., 2] > 0), "a real particle (mask 1) has pt_rel "
+         "(column 2) <= 0", particles[..., 2]),
+        ("particle_features", (mask == 1) & (particles[..., 2] > 1 + PT_REL_TOLERANCE), "a real particle has "
+         "pt_rel (column 2) > 1", particles[..., 2]),
+    ]
+    for name, bad, problem, values in checks:
+        if bad.any():
+            jet, particle = (int(i) for i in np.argwhere(bad)[0])
+            raise JetDataError(f"{path}: dataset {name!r}: {problem} in {int(bad.any(axis=1).sum())} jet(s) (first: "
+                               f"jet {jet}, particle {particle}, value {values[jet, particle]:g})")
+    empty = ~np.any(mask == 1, axis=1)
+    if empty.any():
+        raise JetDataError(f"{path}: dataset 'particle_features': {int(empty.sum())} jet(s) have no real particle "
+                           f"(mask all 0; first: jet {int(np.argmax(empty))})")
+    for column, problem, bad in ((0, "the jet pT (column 0) is not positive", ~(features[:, 0] > 0)),
+                                 (2, "the jet mass (column 2) is negative", features[:, 2] < 0)):
+        if bad.any():
+            jet = int(np.argmax(bad))
+            raise JetDataError(f"{path}: dataset 'jet_features': {problem} in {int(bad.sum())} jet(s) (first: jet "
+                               f"{jet}, value {features[jet, column]:g})")
 
 
 def default_cache_dir() -> str:

@@ -211,6 +211,10 @@ class CaloExperiment(Experiment):
                       lambda rows: cluster_batch(0, rows)),
                 Stage(self.stage2, stage2_model, cfg.train, self.key("train"), stage2_batch, probe_batch))
 
+    def training_examples(self, data: PreparedData):
+        return {"train_cluster": len(data.cluster),
+                "train": len(data.cells) if self.cfg.representation == "cloud" else len(data.images)}
+
     def generate(self, data: PreparedData, models, group, run, key, sampler, momentum=None, theta=None):
         """One shower per held-out (momentum, theta) (or the given ones) through both stages."""
         cfg = self.cfg

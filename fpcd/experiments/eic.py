@@ -138,6 +138,9 @@ class EicExperiment(Experiment):
                       lambda rows: event_batch(0, rows)),
                 Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch, probe_batch))
 
+    def training_examples(self, data: PreparedData):
+        return {"train_event": len(data.event), "train": len(data.particles)}
+
     def generate(self, data: PreparedData, models, group, run, key, sampler, num_samples=None):
         """Events through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""
         cfg = self.cfg

@@ -63,6 +63,9 @@ class GaussianMixtureExperiment(Experiment):
 
         return (Stage(STAGE, model, cfg.train, self.key("train"), batch),)
 
+    def training_examples(self, data):
+        return {"train": len(data[1])}
+
     def generate(self, data, models, group, run, key, sampler):
         cfg = self.cfg
         score_fn = score_fn_from(models[STAGE], self.sde, prediction=cfg.train.prediction)

@@ -10,7 +10,9 @@ constituents; both are post-processed to JetNet units (:mod:`fpcd.data.jet_trans
 Outputs in the workdir: ``metrics.json`` (per type and sampler run: NFE of each stage, seconds,
 jets/s, W1M, W1P, W1EFP, FPD, KPD with their errors, and the truth-vs-truth floor of each),
 ``samples_<type>.h5`` (JetNet layout: the first run at the top level, every run under
-``runs/<name>/``), ``jets_<type>.png`` and ``nfe_vs_w1m.png`` / ``nfe_vs_w1p.png``.
+``runs/<name>/``), ``jets_<type>.png`` and ``nfe_vs_w1m.png`` / ``nfe_vs_w1p.png``. The metrics and
+figures use each run's finite jets; a run with fewer than two gets NaN metrics (``null`` in
+``metrics.json``, with the reason under ``"nonfinite"``) and is left out of the figures.
 """
 
 from __future__ import annotations
@@ -74,8 +76,26 @@ class PreparedData:
         return len(self.jet)
 
 
+MIN_JETS = 2  # fewer generated jets: no metric (NaN, explained in metrics.json)
+
+
+def finite_jets(jets: JetSet) -> JetSet:
+    """The jets of ``jets`` whose particle and jet features are all finite."""
+    keep = np.all(np.isfinite(jets.particle_features), axis=(1, 2)) & np.all(np.isfinite(jets.jet_features), axis=1)
+    return jets if keep.all() else jets.take(np.flatnonzero(keep))
+
+
 def jet_metric_row(truth: JetSet, jets: JetSet, *, num_batches: int, seed: int) -> dict:
-    """W1M, W1P (mean of 3), W1EFP (mean of 5), FPD and KPD of ``jets`` against ``truth``."""
+    """W1M, W1P (mean of 3), W1EFP (mean of 5), FPD and KPD of the finite jets of ``jets`` against
+    ``truth`` (``num_nonfinite_jets_excluded`` counts the others when there are any); every value
+    NaN when fewer than ``MIN_JETS`` jets are finite."""
+    finite = finite_jets(jets)
+    excluded = {"num_nonfinite_jets_excluded": len(jets) - len(finite)} if len(finite) < len(jets) else {}
+    jets = finite
+    if len(jets) < MIN_JETS:
+        nan = float("nan")
+        return {"w1m": nan, "w1m_std": nan, "w1p": nan, "w1p_std": nan, "w1p_per_feature": [nan] * 3,
+                "w1efp": nan, "w1efp_std": nan, "fpd": nan, "fpd_err": nan, "kpd": nan, "kpd_err": nan, **excluded}
     n = min(len(truth), len(jets))
     kw = {"num_eval_samples": n, "num_batches": num_batches, "seed": seed}
     a, b = truth.particle_features, jets.particle_features
@@ -92,8 +112,27 @@ def jet_metric_row(truth: JetSet, jets: JetSet, *, num_batches: int, seed: int) 
         "w1m": w1m[0], "w1m_std": w1m[1],
         "w1p": float(np.mean(w1p[0])), "w1p_std": float(np.mean(w1p[1])), "w1p_per_feature": np.asarray(w1p[0]).tolist(),
         "w1efp": float(np.mean(w1efp[0])), "w1efp_std": float(np.mean(w1efp[1])),
-        "fpd": fpd[0], "fpd_err": fpd[1], "kpd": kpd[0], "kpd_err": kpd[1],
+        "fpd": fpd[0], "fpd_err": fpd[1], "kpd": kpd[0], "kpd_err": kpd[1], **excluded,
     }
+
+
+def validate_jet_data(cfg) -> tuple[str, ...]:
+    """Check ``config.data`` of a jets config (the jets and anomaly experiments); return the jet types."""
+    types = require_strings(cfg, "data.jet_types")
+    unknown = [t for t in types if t not in JET_TYPES]
+    if unknown or len(set(types)) != len(types):
+        raise ConfigError(f"config.data.jet_types={types!r}: unknown or repeated jet type(s) {unknown}; use a "
+                          f"tuple of distinct types from {JET_TYPES}")
+    num_particles = require_int(cfg, "data.num_particles")
+    if cfg.data.path_pattern and num_particles not in (30, 150):
+        raise ConfigError(f"config.data.num_particles={num_particles}: the real JetNet files hold 30 or 150 "
+                          "particles per jet")
+    if cfg.data.path_pattern and "{type}" not in cfg.data.path_pattern:
+        raise ConfigError(f"config.data.path_pattern={cfg.data.path_pattern!r} must contain '{{type}}'")
+    require_int(cfg, "data.num_jets", minimum=10)
+    require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
+    require_int(cfg, "data.workers", minimum=0)
+    return types
 
 
 class JetsExperiment(Experiment):
@@ -105,20 +144,7 @@ class JetsExperiment(Experiment):
     def validate(self, num_devices: int) -> None:
         super().validate(num_devices)
         cfg = self.cfg
-        types = require_strings(cfg, "data.jet_types")
-        unknown = [t for t in types if t not in JET_TYPES]
-        if unknown or len(set(types)) != len(types):
-            raise ConfigError(f"config.data.jet_types={types!r}: unknown or repeated jet type(s) {unknown}; use a "
-                              f"tuple of distinct types from {JET_TYPES}")
-        num_particles = require_int(cfg, "data.num_particles")
-        if cfg.data.path_pattern and num_particles not in (30, 150):
-            raise ConfigError(f"config.data.num_particles={num_particles}: the real JetNet files hold 30 or 150 "
-                              "particles per jet")
-        if cfg.data.path_pattern and "{type}" not in cfg.data.path_pattern:
-            raise ConfigError(f"config.data.path_pattern={cfg.data.path_pattern!r} must contain '{{type}}'")
-        require_int(cfg, "data.num_jets", minimum=10)
-        require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
-        require_int(cfg, "data.workers", minimum=0)
+        validate_jet_data(cfg)
         require_models(cfg, "jet_model", "particle_model")
         require_bool(cfg, "sampling.clip_denoised")
         require_int(cfg, "eval.num_batches")
@@ -176,6 +202,9 @@ class JetsExperiment(Experiment):
         return (Stage("jet", jet_model, cfg.train_jet, self.key("train_jet"), jet_batch),
                 Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch))
 
+    def training_examples(self, data: PreparedData):
+        return {"train_jet": len(data), "train": len(data)}
+
     def sample_groups(self, data):
         return data.types
 
@@ -219,11 +248,13 @@ class JetsExperiment(Experiment):
 
     def evaluate_jet_metrics(self, data: PreparedData, samples, models, *, figures_dir):
         """W1M, W1P, W1EFP, FPD and KPD per type and run against held-out jets, with the
-        truth-vs-truth floors, and the figures."""
+        truth-vs-truth floors, and the figures; a run without finite jets gets NaN metrics and a
+        ``"nonfinite"`` reason, and stays out of the figures."""
         cfg = self.cfg
         n = cfg.sampling.num_samples
         kw = {"num_batches": cfg.eval.num_batches, "seed": cfg.eval.seed}
         metrics = {"num_samples": n, "types": {}}
+        reasons = {}  # why a metric is NaN (metrics.json's "nonfinite")
         for jet_type in data.types:
             test = data.test[jet_type]
             truth, other = test.take(slice(0, n)), test.take(slice(n, 2 * n))
@@ -234,19 +265,35 @@ class JetsExperiment(Experiment):
                 row["runs"][name] = {"method": r.run["method"],
                                      "options": {k: v for k, v in r.run.items() if k != "method"},
                                      **r.info, **jet_metric_row(truth, generated[name], **kw)}
+                finite = len(finite_jets(generated[name]))
+                if finite < MIN_JETS:
+                    dropped = int(r.info.get("num_nonfinite_dropped") or 0) + len(generated[name]) - finite
+                    reasons[f"types.{jet_type}.runs.{name}"] = (
+                        f"{finite} of the {finite + dropped} generated {jet_type} jets are finite; the jet metrics "
+                        f"need at least {MIN_JETS}")
             metrics["types"][jet_type] = row
             if figures_dir is not None:
-                compare(truth, generated, os.path.join(figures_dir, f"jets_{jet_type}.png"),
-                        title=f"{jet_type} jets: generated vs truth")
+                self._compare_figure(truth, generated, os.path.join(figures_dir, f"jets_{jet_type}.png"),
+                                     title=f"{jet_type} jets: generated vs truth")
         if figures_dir is not None:
             for key, label in (("w1m", "W1M"), ("w1p", "W1P (mean of 3)")):
                 runs = {f"{t}:{name}": {"method": f"{t} {r['method']}", "nfe": r["nfe"], key: r[key],
                                         "student": r.get("student", False)}
-                        for t, row in metrics["types"].items() for name, r in row["runs"].items()}
+                        for t, row in metrics["types"].items() for name, r in row["runs"].items()
+                        if np.isfinite(r[key]) and r[key] > 0}  # a log axis: runs without a value are left out
                 floor = float(np.mean([row["floor"][key] for row in metrics["types"].values()]))
-                nfe_vs_w1(runs, os.path.join(figures_dir, f"nfe_vs_{key}.png"), floor=floor, metric_key=key,
-                          ylabel=label)
+                if runs:
+                    nfe_vs_w1(runs, os.path.join(figures_dir, f"nfe_vs_{key}.png"),
+                              floor=floor if np.isfinite(floor) and floor > 0 else None, metric_key=key, ylabel=label)
+        if reasons:
+            metrics["nonfinite"] = reasons
         return metrics
+
+    @staticmethod
+    def _compare_figure(truth: JetSet, generated: dict, path: str, *, title: str) -> None:
+        """:func:`fpcd.plots.jets.compare` of each run's finite jets (runs without any are left out)."""
+        finite = {name: finite_jets(jets) for name, jets in generated.items()}
+        compare(truth, {name: jets for name, jets in finite.items() if len(jets)}, path, title=title)
 
     def format_results(self, metrics):
         lines = [f"{'type':<5}{'run':<12}{'NFE':>6}{'jets/s':>9}{'W1M':>10}{'W1P':>10}{'W1EFP':>11}{'FPD':>10}"

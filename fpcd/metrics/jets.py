@@ -56,6 +56,49 @@ def _split_mask(jets, mask=None):
     return jets[:, :, :3], real
 
 
+def _checked_jets(name: str, jets) -> np.ndarray:
+    """``jets`` as an array after checking it is a non-empty, finite ``(N, P, 3 or 4)`` sample;
+    ValueError naming ``name`` otherwise."""
+    jets = np.asarray(_as_numpy(jets))
+    if jets.ndim != 3 or jets.shape[2] < 3 or jets.shape[0] == 0 or jets.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, P, 3 or 4) = (eta_rel, phi_rel, pt_rel[, mask]) with N >= 1 jets "
+                         f"of P >= 1 particles, got shape {jets.shape}")
+    if not np.all(np.isfinite(jets)):
+        raise ValueError(f"{name} holds {int(np.sum(~np.isfinite(jets)))} NaN/inf values; drop non-finite jets first")
+    return jets
+
+
+def _checked_features(name: str, features, minimum: int = 2) -> np.ndarray:
+    """``features`` as float64 after checking it is a finite ``(N, F)`` array with ``N >= minimum``
+    and ``F >= 1``; ValueError naming ``name`` otherwise."""
+    features = np.asarray(_as_numpy(features), np.float64)
+    if features.ndim != 2 or features.shape[0] < minimum or features.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, F) with N >= {minimum} jets and F >= 1 features, got shape "
+                         f"{features.shape}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError(f"{name} holds {int(np.sum(~np.isfinite(features)))} NaN/inf values")
+    return features
+
+
+def _checked_pair(names, x, y):
+    x, y = _checked_features(names[0], x), _checked_features(names[1], y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{names[0]} has {x.shape[1]} features per jet but {names[1]} has {y.shape[1]}")
+    return x, y
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int (Python or NumPy integer, or 0-d integer array; not bool) that is at least
+    ``minimum``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        value = None
+    elif isinstance(value, np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer):
+        value = int(value)
+    if not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _recommend(*sizes, what="W1 estimation"):
     if min(sizes) < RECOMMENDED_SAMPLES:
         warnings.warn(f"Recommended number of jets for {what} is {RECOMMENDED_SAMPLES:,}", RuntimeWarning, stacklevel=3)
@@ -77,6 +120,10 @@ def _paired_draws(n1, n2, num_eval_samples, num_batches, seed):
     for _ in range(num_batches):
         pairs.append((rng.choice(n1, size=num_eval_samples), rng.choice(n2, size=num_eval_samples)))
     return pairs
+
+
+def _sample_counts(num_eval_samples, num_batches):
+    return _positive_int("num_eval_samples", num_eval_samples), _positive_int("num_batches", num_batches)
 
 
 def jet_features(jets, mask=None) -> dict:
@@ -128,8 +175,13 @@ def w1m(jets1, jets2, num_eval_samples: int = 50_000, num_batches: int = 5, retu
     """W1 between the jet-mass distributions of two jet samples (as ``jetnet.evaluation.w1m``).
 
     Returns ``(mean, std)`` over the batches (``mean`` alone with ``return_std=False``).
+
+    Raises:
+      ValueError: ``jets1``/``jets2`` not non-empty ``(N, P, 3 or 4)`` arrays or holding NaN/inf,
+        ``num_eval_samples``/``num_batches`` not positive integers (each named).
     """
-    jets1, jets2 = _as_numpy(jets1, jets2)
+    jets1, jets2 = _checked_jets("jets1", jets1), _checked_jets("jets2", jets2)
+    num_eval_samples, num_batches = _sample_counts(num_eval_samples, num_batches)
     _recommend(len(jets1), len(jets2))
     masses1, masses2 = jet_features(jets1)["mass"], jet_features(jets2)["mass"]
     w1s = [wasserstein_distance(masses1[a], masses2[b])
@@ -148,11 +200,21 @@ def w1p(jets1, jets2, mask1=None, mask2=None, exclude_zeros: bool = True, num_pa
 
     Returns:
       ``(means, stds)`` arrays over the features (``means`` alone with ``return_std=False``).
+
+    Raises:
+      ValueError: ``jets1``/``jets2`` not non-empty ``(N, P, 3 or 4)`` arrays or holding NaN/inf,
+        a mask not of shape ``(N, P)``, ``num_eval_samples``/``num_batches`` not positive integers
+        (each named).
     """
-    jets1, jets2 = _as_numpy(jets1, jets2)
+    jets1, jets2 = _checked_jets("jets1", jets1), _checked_jets("jets2", jets2)
+    for name, mask, jets in (("mask1", mask1, jets1), ("mask2", mask2, jets2)):
+        if mask is not None and np.shape(_as_numpy(mask)) != jets.shape[:2]:
+            raise ValueError(f"{name} must have shape {jets.shape[:2]} (N, P) like its jets, got shape "
+                             f"{np.shape(_as_numpy(mask))}")
+    num_eval_samples, num_batches = _sample_counts(num_eval_samples, num_batches)
     _recommend(len(jets1), len(jets2))
-    feats1, real1 = _split_mask(jets1, mask1)
-    feats2, real2 = _split_mask(jets2, mask2)
+    feats1, real1 = _split_mask(jets1, None if mask1 is None else _as_numpy(mask1))
+    feats2, real2 = _split_mask(jets2, None if mask2 is None else _as_numpy(mask2))
     k = num_particle_features if num_particle_features > 0 else 3
     if k > 3:
         raise ValueError(f"num_particle_features={k} but jets have 3 particle features")
@@ -175,8 +237,14 @@ def w1efp(jets1, jets2, use_particle_masses: bool = False, efpset_args: list | N
           num_eval_samples: int = 50_000, num_batches: int = 5, return_std: bool = True,
           efp_jobs: int | None = None, *, seed: int = 42):
     """Per-EFP W1 between two jet samples (default: the 5 prime n=4, d=4 EFPs), as
-    ``jetnet.evaluation.w1efp``. Returns ``(means, stds)`` arrays over the EFPs."""
-    jets1, jets2 = _as_numpy(jets1, jets2)
+    ``jetnet.evaluation.w1efp``. Returns ``(means, stds)`` arrays over the EFPs.
+
+    Raises:
+      ValueError: ``jets1``/``jets2`` not non-empty ``(N, P, 3 or 4)`` arrays or holding NaN/inf,
+        ``num_eval_samples``/``num_batches`` not positive integers (each named).
+    """
+    jets1, jets2 = _checked_jets("jets1", jets1), _checked_jets("jets2", jets2)
+    num_eval_samples, num_batches = _sample_counts(num_eval_samples, num_batches)
     _recommend(len(jets1), len(jets2))
     efps1 = efps(jets1, efpset_args=efpset_args)
     efps2 = efps(jets2, efpset_args=efpset_args)
@@ -187,9 +255,13 @@ def w1efp(jets1, jets2, use_particle_masses: bool = False, efpset_args: list | N
 
 
 def get_fpd_kpd_jet_features(jets, efp_jobs: int | None = None) -> np.ndarray:
-    """The 36 EFPs of degree <= 4 per jet, the recommended FPD/KPD features: ``(N, 36)``."""
+    """The 36 EFPs of degree <= 4 per jet, the recommended FPD/KPD features: ``(N, 36)``.
+
+    Raises:
+      ValueError: ``jets`` not a non-empty ``(N, P, 3 or 4)`` array, or holding NaN/inf.
+    """
     del efp_jobs
-    return efps(jets, efpset_args=[("d<=", 4)])
+    return efps(_checked_jets("jets", jets), efpset_args=[("d<=", 4)])
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -221,9 +293,16 @@ def fpd(real_features, gen_features, min_samples: int = 20_000, max_samples: int
     The Fréchet distance of Gaussian fits is averaged over ``num_batches`` draws at ``num_points``
     batch sizes equally spaced in 1/N between ``min_samples`` and ``max_samples``; a linear fit in
     1/N extrapolates to N -> infinity. Returns ``(intercept, its fit error)``.
+
+    Raises:
+      ValueError: ``real_features``/``gen_features`` not finite ``(N, F)`` arrays of at least 2
+        jets with the same ``F``, or ``min_samples`` (>= 2), ``max_samples``, ``num_batches``,
+        ``num_points`` not positive integers (each named).
     """
-    x, y = _as_numpy(real_features, gen_features)
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = _checked_pair(("real_features", "gen_features"), real_features, gen_features)
+    min_samples = _positive_int("min_samples", min_samples, 2)
+    max_samples = _positive_int("max_samples", max_samples, 2)
+    num_batches, num_points = _positive_int("num_batches", num_batches), _positive_int("num_points", num_points)
     _recommend(len(x), len(y), what="FPD estimation")
     if normalise:
         x, y = _normalise_features(x, y)
@@ -257,10 +336,16 @@ def mmd_poly_unbiased(x, y, degree: int = 4) -> float:
 def kpd(real_features, gen_features, num_batches: int = 10, batch_size: int = 5_000, normalise: bool = True,
         seed: int = 42, num_threads: int | None = None):
     """Kernel physics distance (arXiv 2211.10295), as ``jetnet.evaluation.kpd``: the median over
-    ``num_batches`` batches of the unbiased polynomial-kernel MMD^2, and half its 16-84% range."""
+    ``num_batches`` batches of the unbiased polynomial-kernel MMD^2, and half its 16-84% range.
+
+    Raises:
+      ValueError: ``real_features``/``gen_features`` not finite ``(N, F)`` arrays of at least 2
+        jets with the same ``F``, or ``num_batches`` (>= 1), ``batch_size`` (>= 2) not integers
+        (each named).
+    """
     del num_threads
-    x, y = _as_numpy(real_features, gen_features)
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = _checked_pair(("real_features", "gen_features"), real_features, gen_features)
+    num_batches, batch_size = _positive_int("num_batches", num_batches), _positive_int("batch_size", batch_size, 2)
     if normalise:
         x, y = _normalise_features(x, y)
     values = []

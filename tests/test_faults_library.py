@@ -1,0 +1,390 @@
+"""Issue 14 (reliability), library and data-loading faults: one test (or parametrised case) each.
+
+Every case fails on the code before the fix. Tiny arrays, hdf5 files written to ``tmp_path`` and
+the exact Gaussian-mixture score of ``conftest`` keep the file fast.
+"""
+
+import re
+
+import equinox as eqx
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CountingScore
+from fpcd.data import calo, eic, jetnet
+from fpcd.likelihood import log_likelihood
+from fpcd.metrics import jets as jet_metrics
+from fpcd.ode import NonFiniteStateError
+from fpcd.sampling import nfe_of, sample
+
+
+class NaNScore(eqx.Module):
+    """The exact score, but NaN wherever ``t`` lies in ``[t_lo, t_hi]`` (a network that breaks down
+    at some noise levels); tallies its executed calls on the host."""
+
+    inner: eqx.Module
+    t_lo: jax.Array
+    t_hi: jax.Array
+    tally: list = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        jax.debug.callback(lambda: self.tally.append(1))
+        bad = ((t >= self.t_lo) & (t <= self.t_hi)).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(bad, jnp.nan, self.inner(x, t))
+
+
+def nan_score(exact_score, t_lo, t_hi):
+    return NaNScore(exact_score, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32), [])
+
+
+# --- 1. NaN must not burn the ODE budget ----------------------------------------------------------
+
+
+def test_ode_sampler_stops_at_once_when_the_score_turns_nan(exact_score, sde):
+    score = nan_score(exact_score, 0.0, 0.5)
+    with pytest.raises(NonFiniteStateError, match=r"non-finite .* from t=[0-9.]+ to t=[0-9.]+.*score") as info:
+        sample(score, sde, jax.random.key(0), (8, 2), method="ode", max_steps=2000)
+    jax.effects_barrier()
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, FloatingPointError)
+    assert "did not reach" not in str(info.value)
+    assert len(score.tally) < 60, len(score.tally)  # a few steps, not 2000 x 6
+
+
+def test_ode_sampler_under_jit_stops_at_once_and_returns_nan(exact_score, sde):
+    score = nan_score(exact_score, 0.0, 0.5)
+    x, nfe = jax.jit(lambda key: sample(score, sde, key, (8, 2), method="ode", max_steps=2000))(jax.random.key(0))
+    jax.effects_barrier()
+    assert np.all(np.isnan(np.asarray(x)))
+    assert int(nfe) == len(score.tally) < 60
+
+
+def test_likelihood_stops_at_once_when_the_score_turns_nan(exact_score, sde, mixture):
+    score = nan_score(exact_score, 0.3, 1.0)  # the likelihood integrates from t_min up to 1
+    x = mixture.sample(jax.random.key(1), 8)
+    with pytest.raises(NonFiniteStateError, match=r"non-finite .* from t=0\.[0-9]+ to t=[0-9.]+") as info:
+        log_likelihood(score, sde, x, rtol=1e-3, atol=1e-3, max_steps=2000, divergence="hutchinson",
+                       key=jax.random.key(0))
+    jax.effects_barrier()
+    assert float(str(info.value).split("to t=")[1].split(":")[0]) > 0.3 - 1e-6  # the step that crossed t = 0.3
+    assert len(score.tally) < 200, len(score.tally)
+
+
+@pytest.mark.parametrize("where", ["x", "mask"])
+def test_likelihood_refuses_non_finite_input_eagerly(exact_score, sde, mixture, where):
+    x = np.array(mixture.sample(jax.random.key(2), 4))
+    mask = np.ones_like(x)
+    (x if where == "x" else mask)[1, 0] = np.nan
+    score = CountingScore(exact_score, [])
+    with pytest.raises(ValueError, match=f"^{where} holds NaN/inf"):
+        log_likelihood(score, sde, x, mask=mask, max_steps=2000)
+    jax.effects_barrier()
+    assert score.tally == []
+
+
+def test_likelihood_of_non_finite_input_under_jit_is_nan_after_one_step(exact_score, sde, mixture):
+    x = mixture.sample(jax.random.key(3), 4).at[2, 1].set(jnp.inf)
+    logp, nfe = jax.jit(lambda x: log_likelihood(exact_score, sde, x, max_steps=2000, divergence="hutchinson",
+                                                 key=jax.random.key(0)))(x)
+    assert np.all(np.isnan(np.asarray(logp)))
+    assert int(nfe) == 7  # one rejected Dopri5 trial step of 7 stages
+
+
+class ErraticScore(eqx.Module):
+    """Finite but discontinuous in ``x`` with a huge jump: no step can meet the tolerances."""
+
+    def __call__(self, x, t):
+        return 1e8 * jnp.sign(jnp.sin(1e6 * x))
+
+
+def test_ode_sampler_stops_when_the_step_size_collapses(sde):
+    with pytest.raises(RuntimeError, match="step size collapsed at t=") as info:
+        sample(ErraticScore(), sde, jax.random.key(0), (4, 2), method="ode", max_steps=2000)
+    assert not isinstance(info.value, NonFiniteStateError)
+    assert int(re.search(r"; (\d+) steps", str(info.value)).group(1)) < 50, str(info.value)
+
+
+# --- 2. loaders and generators refuse physically invalid data -------------------------------------
+
+
+def write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f[name] = value
+    return str(path)
+
+
+def showers(n=4, c=6):
+    cells = np.zeros((n, c, 5), np.float32)
+    counts = np.array([3, 1, 6, 2])[:n]
+    for i, k in enumerate(counts):
+        cells[i, :k] = [0.5, 50.0, -50.0, 3900.0, 1.0]
+    cluster = np.stack([np.full(n, 10.0), np.full(n, 17.0), cells[..., 0].sum(1), counts], 1).astype(np.float32)
+    return cells, cluster
+
+
+CALO_CASES = [
+    ("momentum_zero", r"dataset 'cluster': the generated momentum P_gen \(column 0\) is not positive in 1 row\(s\) "
+                      r"\(first: row 2, value 0\)"),
+    ("momentum_negative", r"P_gen \(column 0\) is not positive in 1 row\(s\) \(first: row 1, value -3\)"),
+    ("n_cells", r"dataset 'cluster': N_cells \(column 3\) differs .* \(first: row 3, N_cells 5 but 2 real cells\)"),
+    ("dropped_length", r"dataset 'dropped_energy' has 3 rows but hcal_cells has 4"),
+    ("dropped_negative", r"dataset 'dropped_energy': negative energy in 1 row\(s\) \(first: row 0"),
+]
+
+
+@pytest.mark.parametrize("case, message", CALO_CASES, ids=[case for case, _ in CALO_CASES])
+def test_calo_loader_refuses_invalid_point_clouds(tmp_path, case, message):
+    cells, cluster = showers()
+    extra = {}
+    if case == "momentum_zero":
+        cluster[2, 0] = 0.0
+    elif case == "momentum_negative":
+        cluster[1, 0] = -3.0
+    elif case == "n_cells":
+        cluster[3, 3] = 5
+    elif case == "dropped_length":
+        extra["dropped_energy"] = np.zeros(3, np.float32)
+    elif case == "dropped_negative":
+        extra["dropped_energy"] = np.array([-1.0, 0, 0, 0], np.float32)
+    path = write(tmp_path / "bad.h5", hcal_cells=cells, cluster=cluster, **extra)
+    with pytest.raises(calo.CaloDataError, match=message) as info:
+        calo.load(path)
+    assert str(info.value).startswith(path)
+
+
+def test_calo_loader_still_reads_a_valid_point_cloud(tmp_path):
+    cells, cluster = showers()
+    loaded = calo.load(write(tmp_path / "good.h5", hcal_cells=cells, cluster=cluster))
+    np.testing.assert_array_equal(loaded.cluster, cluster)
+
+
+CALOCHALLENGE_CASES = [
+    ("incident_zero", r"dataset 'incident_energies': the incident energy is not positive .* \(first: row 1, value 0\)"),
+    ("voxel_negative", r"dataset 'showers': negative voxel energies in 1 row\(s\) \(first: row 2\)"),
+]
+
+
+@pytest.mark.parametrize("case, message", CALOCHALLENGE_CASES, ids=[case for case, _ in CALOCHALLENGE_CASES])
+def test_calo_loader_refuses_invalid_calochallenge_files(tmp_path, case, message):
+    energies, voxels = np.full((3, 1), 1e4), np.ones((3, 12))
+    if case == "incident_zero":
+        energies[1] = 0.0
+    else:
+        voxels[2, 5] = -1.0
+    path = write(tmp_path / "cc.h5", incident_energies=energies, showers=voxels)
+    with pytest.raises(calo.CaloDataError, match=message) as info:
+        calo.load(path)
+    assert path in str(info.value)
+
+
+def jets_file(path, particles, features=None):
+    if features is None:
+        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (len(particles), 1))
+    with h5py.File(path, "w") as f:
+        f["particle_features"] = particles
+        f["jet_features"] = features
+        f.attrs["jet_type"] = "g"
+    return str(path)
+
+
+def _particles():
+    particles = np.zeros((5, 6, 4), np.float32)
+    particles[:, :3] = [0.1, -0.05, 0.4, 1.0]
+    return particles
+
+
+JET_CASES = [
+    ("negative_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 in 1 jet\(s\) \(first: jet 3, "
+                        r"particle 1, value -0.2\)"),
+    ("zero_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 .* \(first: jet 0, particle 2, value 0\)"),
+    ("pt_rel_above_one", r"a real particle has pt_rel \(column 2\) > 1 in 1 jet\(s\) \(first: jet 4, particle 0, "
+                         r"value 1.5\)"),
+    ("mask_not_binary", r"the mask \(column 3\) is neither 0 nor 1 .* \(first: jet 1, particle 4, value 0.5\)"),
+    ("empty_jet", r"1 jet\(s\) have no real particle \(mask all 0; first: jet 2\)"),
+    ("all_masks_zero", r"5 jet\(s\) have no real particle \(mask all 0; first: jet 0\)"),
+    ("jet_pt_zero", r"dataset 'jet_features': the jet pT \(column 0\) is not positive .* \(first: jet 1, value 0\)"),
+]
+
+
+@pytest.mark.parametrize("case, message", JET_CASES, ids=[case for case, _ in JET_CASES])
+def test_jets_loader_refuses_physically_invalid_jets(tmp_path, case, message):
+    particles, features = _particles(), None
+    if case == "negative_pt_rel":
+        particles[3, 1, 2] = -0.2
+    elif case == "zero_pt_rel":
+        particles[0, 2, 2] = 0.0
+    elif case == "pt_rel_above_one":
+        particles[4, 0, 2] = 1.5
+    elif case == "mask_not_binary":
+        particles[1, 4, 3] = 0.5
+    elif case == "empty_jet":
+        particles[2] = 0.0
+    elif case == "all_masks_zero":
+        particles[..., 3] = 0.0
+    elif case == "jet_pt_zero":
+        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (5, 1))
+        features[1, 0] = 0.0
+    path = jets_file(tmp_path / "g.hdf5", particles, features)
+    with pytest.raises(jetnet.JetDataError, match=message) as info:
+        jetnet.load(path)
+    assert str(info.value).startswith(path)
+
+
+def test_jets_loader_keeps_valid_jets_and_rounding(tmp_path):
+    particles = _particles()
+    particles[0, 0, 2] = 1.0000005  # float32 rounding of a constituent carrying the whole jet
+    jets = jetnet.load(jets_file(tmp_path / "g.hdf5", particles))
+    assert len(jets) == 5 and jets.mask.sum() == 15
+
+
+def test_simulate_refuses_an_infinite_momentum_range():
+    # (nan, 10), (10, 1) and (0, 10) were refused before; (1, inf) gave showers of infinite momentum.
+    with pytest.raises(ValueError, match=r"momentum_range=\(1.0, inf\): need finite"):
+        calo.simulate(4, momentum_range=(1.0, np.inf))
+
+
+@pytest.mark.parametrize("num_showers, kwargs, name", [
+    (4, {"phi": np.inf}, "phi"),
+    (4.5, {}, "num_showers"),
+    (4, {"max_cells": 2.5}, "max_cells"),
+])
+def test_simulate_refuses_other_bad_numeric_arguments(num_showers, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        calo.simulate(num_showers, **kwargs)
+
+
+def _no_workers(*args, **kwargs):
+    raise AssertionError("the generator started its workers: the arguments were not checked first")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: jetnet.generate("g", 3.5, workers=1, progress=False), "num_jets"),
+    (lambda: jetnet.generate("g", 3, num_particles=True, workers=1, progress=False), "num_particles"),
+    (lambda: jetnet.generate("g", 3, chunk_size=0, workers=1, progress=False), "chunk_size"),
+    (lambda: jetnet.GeneratorSettings(pthat_min=1000.0, pthat_max=900.0), "pthat_min"),
+    (lambda: jetnet.GeneratorSettings(jet_radius=0.0), "jet_radius"),
+    (lambda: jetnet.GeneratorSettings(jet_pt_max=np.inf), "jet_pt_max"),
+    (lambda: eic.generate(3, q2_min=np.inf, workers=1, progress=False), "q2_min"),
+    (lambda: eic.generate(2.5, workers=1, progress=False), "num_events"),
+    (lambda: eic.generate(3, chunk_size=-1, workers=1, progress=False), "chunk_size"),
+], ids=["jetnet num_jets", "jetnet num_particles", "jetnet chunk_size", "jetnet pthat", "jetnet jet_radius",
+        "jetnet jet_pt_max", "eic q2_min", "eic num_events", "eic chunk_size"])
+def test_generators_refuse_bad_numeric_arguments_before_starting(monkeypatch, call, name):
+    monkeypatch.setattr(jetnet, "map_chunks", _no_workers)
+    monkeypatch.setattr(eic, "map_chunks", _no_workers)
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+# --- 3. library edges -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [np.int64(5), np.int32(5), np.array(5), jnp.array(5)],
+                         ids=["np.int64", "np.int32", "0-d numpy", "0-d jax"])
+def test_samplers_take_numpy_and_jax_integers(exact_score, sde, steps):
+    x, nfe = sample(exact_score, sde, jax.random.key(0), (4, 2), method="ddim", steps=steps)
+    reference, _ = sample(exact_score, sde, jax.random.key(0), (4, 2), method="ddim", steps=5)
+    assert nfe == 5 and type(nfe) is int
+    np.testing.assert_array_equal(x, reference)
+
+
+def test_samplers_take_numpy_integers_and_floats_for_every_option():
+    # The options are checked by the same code as sample()'s, without compiling a sampler.
+    assert nfe_of("pc", steps=np.int64(2), corrector_steps=np.int16(2), snr=np.float32(0.16)) == 6
+    assert nfe_of("heun", steps=jnp.array(3, jnp.int32), rho=np.float32(7.0), t_min=np.float32(1e-3)) == 5
+    assert nfe_of("ode", max_steps=np.uint8(9), rtol=np.float32(1e-4), dt0=jnp.array(0.01)) is None
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"method": "ode", "rtol": np.inf}, "rtol"),
+    ({"method": "heun", "rho": np.inf}, "rho"),
+    ({"method": "pc", "snr": True}, "snr"),
+    ({"method": "ddim", "eta": True}, "eta"),
+])
+def test_samplers_refuse_bool_and_infinite_number_options(exact_score, sde, options, name):
+    with pytest.raises(ValueError, match=f"sampling option {name} must be"):
+        sample(exact_score, sde, jax.random.key(0), (4, 2), **options)
+
+
+@pytest.mark.parametrize("max_steps", [True, 2.5, np.float32(10)])
+def test_likelihood_refuses_non_integer_max_steps(exact_score, sde, mixture, max_steps):
+    x = mixture.sample(jax.random.key(4), 4)
+    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+        log_likelihood(exact_score, sde, x, max_steps=max_steps)
+
+
+@pytest.mark.parametrize("shape", [(5,), (0, 2), (3, 0)])
+def test_likelihood_refuses_input_without_batch_or_empty(exact_score, sde, shape):
+    with pytest.raises(ValueError, match=rf"x must have shape \(B, \.\.\.\).*got shape {re_shape(shape)}"):
+        log_likelihood(exact_score, sde, jnp.zeros(shape))
+
+
+def re_shape(shape):
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("cells", [np.zeros((3, 5)), np.zeros((2, 3, 4)), np.zeros((2, 3, 5, 1))],
+                         ids=["2-d", "4 features", "4-d"])
+def test_to_voxels_names_the_expected_shape(cells):
+    with pytest.raises(ValueError, match=rf"cells must have shape \(N, C, 5\).*got shape {re_shape(cells.shape)}"):
+        calo.to_voxels(cells)
+
+
+def test_from_voxels_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 11, 11, 11\).*got shape \(2, 11, 11\)"):
+        calo.from_voxels(np.zeros((2, 11, 11)))
+
+
+JETS = np.concatenate([np.random.default_rng(0).normal(0, 0.1, (6, 5, 2)), np.full((6, 5, 1), 0.2),
+                       np.ones((6, 5, 1))], axis=2)
+W1_KW = {"num_eval_samples": 6, "num_batches": 1}
+JET_METRICS = {
+    "w1m": lambda a, b: jet_metrics.w1m(a, b, **W1_KW),
+    "w1p": lambda a, b: jet_metrics.w1p(a, b, **W1_KW),
+    "w1efp": lambda a, b: jet_metrics.w1efp(a, b, **W1_KW),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(JET_METRICS))
+@pytest.mark.parametrize("bad", [JETS[0], JETS[:0]], ids=["one jet 2-d", "empty"])
+def test_jet_w1_metrics_name_the_expected_shape(metric, bad):
+    with pytest.raises(ValueError, match=rf"jets2 must have shape \(N, P, 3 or 4\).*got shape {re_shape(bad.shape)}"):
+        JET_METRICS[metric](JETS, bad)
+
+
+@pytest.mark.parametrize("bad", [JETS[0], JETS[:0]], ids=["one jet 2-d", "empty"])
+def test_fpd_kpd_features_name_the_expected_shape(bad):
+    with pytest.raises(ValueError, match=rf"jets must have shape \(N, P, 3 or 4\).*got shape {re_shape(bad.shape)}"):
+        jet_metrics.get_fpd_kpd_jet_features(bad)
+
+
+FEATURES = np.random.default_rng(1).normal(size=(8, 3))
+
+
+@pytest.mark.parametrize("metric", ["fpd", "kpd"])
+@pytest.mark.parametrize("bad", [FEATURES[:0], FEATURES[0], FEATURES[:, :, None]], ids=["empty", "1-d", "3-d"])
+def test_fpd_kpd_name_the_expected_shape(metric, bad):
+    call = {"fpd": lambda a, b: jet_metrics.fpd(a, b, min_samples=4, max_samples=8, num_batches=1, num_points=2),
+            "kpd": lambda a, b: jet_metrics.kpd(a, b, num_batches=1, batch_size=4)}[metric]
+    with pytest.raises(ValueError, match=rf"gen_features must have shape \(N, F\).*got shape {re_shape(bad.shape)}"):
+        call(FEATURES, bad)
+
+
+@pytest.mark.parametrize("metric", ["w1m", "w1p", "w1efp", "get_fpd_kpd_jet_features", "fpd", "kpd"])
+def test_jet_metrics_refuse_non_finite_input(metric):
+    jets = JETS.copy()
+    jets[2, 1, 0] = np.nan
+    features = FEATURES.copy()
+    features[3, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN/inf"):
+        if metric in JET_METRICS:
+            JET_METRICS[metric](JETS, jets)
+        elif metric == "get_fpd_kpd_jet_features":
+            jet_metrics.get_fpd_kpd_jet_features(jets)
+        elif metric == "fpd":
+            jet_metrics.fpd(FEATURES, features, min_samples=4, max_samples=8, num_batches=1, num_points=2)
+        else:
+            jet_metrics.kpd(FEATURES, features, num_batches=1, batch_size=4)
