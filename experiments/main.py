@@ -182,6 +182,10 @@ def main(argv):
 
     maybe_initialize_distributed()  # before any other JAX call
 
+    from fpcd.checkpoint import ignore_closed_loop_callbacks
+
+    ignore_closed_loop_callbacks()  # an unreadable checkpoint's abandoned reads, after its one-line note
+
     import jax
 
     _PROCESS_INDEX["value"] = jax.process_index()

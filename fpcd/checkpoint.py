@@ -66,10 +66,11 @@ def _is_closed_loop_callback(unraisable) -> bool:
     return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
 
-def _ignore_closed_loop_callbacks() -> None:
-    """Install (once) an ``sys.unraisablehook`` that drops :func:`_is_closed_loop_callback` reports
+def ignore_closed_loop_callbacks() -> None:
+    """Install (once) a ``sys.unraisablehook`` that drops :func:`_is_closed_loop_callback` reports
     (other reports go to the previous hook): an unreadable step would otherwise print hundreds of
-    them around the one-line note."""
+    them around the one-line note. Process-wide, so the library never calls it: the command line
+    (``experiments/main.py``) does; a notebook may."""
     previous = sys.unraisablehook
     if getattr(previous, "_fpcd_closed_loop_filter", False):
         return
@@ -206,7 +207,6 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True) if step is None else [int(step)]
         if not steps:
             return None
-        _ignore_closed_loop_callbacks()
         arrays, static = eqx.partition(template, eqx.is_array)
         leaves, treedef = jax.tree_util.tree_flatten(arrays)
         targets = [ocp.utils.to_shape_dtype_struct(leaf) for leaf in leaves]

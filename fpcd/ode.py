@@ -21,11 +21,14 @@ accepted step are not, so :class:`FirstAcceptTracking` (a thin wrapper around
 once. Under ``jax.vmap`` of a whole solve the statistics stay per solve: the NFE is what that
 solve alone needs (the batched loop itself runs until its slowest member finishes).
 
-A solve stops early, without spending its ``max_steps`` budget, when a trial step's state is
-non-finite (NaN/inf: the score function returned NaN or inf there, or the input was non-finite)
-or when a rejected step shrinks below a few units in the last place of ``t`` (the solve could no
-longer advance). Diffrax alone would reject such a step, shrink it and retry until ``max_steps``;
-:class:`FirstAcceptTracking` ends the solve instead and records why and where in its state.
+A solve stops early, without spending its ``max_steps`` budget, when a rejected step shrinks
+below a few units in the last place of ``t`` (the solve could no longer advance). A non-finite
+trial state (NaN/inf: the score function returned NaN or inf there, or the input was non-finite)
+is rejected and retried with a shorter step, as diffrax does, so a field undefined only over a
+too-long step is passed; where the field is NaN for good, the steps shrink geometrically and the
+solve stops after a few dozen trials instead of creeping towards that region until ``max_steps``.
+:class:`FirstAcceptTracking` records why (a non-finite last trial, or a collapse of a finite one)
+and where in its state.
 
 A failed solve (``max_steps`` exhausted, non-finite state, collapsed step) returns NaN states and
 ``succeeded = False``; :func:`checked_nfe` turns that into an error for concrete (eager) results:
@@ -73,7 +76,7 @@ def masked_rms_norm(mask):
 class FirstAcceptTracking(diffrax.AbstractAdaptiveStepSizeController):
     """A ``diffrax.PIDController`` whose state also records whether any step has been accepted
     yet and how many steps were rejected before the first accepted one, and which stops the solve
-    on a non-finite trial state or a collapsed step size.
+    when a rejected step collapses (a few ulps of ``t``, or a step the controller could not size).
 
     State: ``(pid_state, accepted_any: bool[], rejected_before_first_accept: int32[],
     stop_reason: int32[], stop_interval: float[2])``; read it from ``sol.controller_state`` with
@@ -112,18 +115,18 @@ class FirstAcceptTracking(diffrax.AbstractAdaptiveStepSizeController):
         keep_step, next_t0, next_t1, made_jump, pid_state, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, pid_state
         )
-        # Diffrax rejects a non-finite trial state and retries with a smaller step, which creeps up
-        # to a region where the vector field is NaN until max_steps runs out: stop instead.
+        # Diffrax rejects a non-finite trial state and retries with a smaller step (a field that is
+        # undefined only over a step too long is then passed). Where the field is NaN for good, the
+        # solve creeps up to that region with ever shorter steps until max_steps runs out: stop it
+        # once a rejected step could no longer move t (a few ulps), naming a non-finite last trial.
         finite = jnp.array(True)
         for leaf in jax.tree_util.tree_leaves(y1_candidate):
             finite = finite & jnp.all(jnp.isfinite(leaf))
         nonfinite = ~finite
-        keep_step = keep_step & finite
-        # A rejected step that could no longer move t (a few ulps) will not finish the solve either.
         scale = jnp.maximum(jnp.maximum(jnp.abs(next_t0), jnp.abs(t1)), jnp.finfo(jnp.result_type(next_t0)).tiny)
         ulp = jnp.finfo(jnp.result_type(next_t0)).eps * scale
-        collapsed = finite & ~keep_step & (jnp.abs(next_t1 - next_t0) < COLLAPSE_ULPS * ulp)
-        stop = nonfinite | collapsed
+        proposed = next_t1 - next_t0  # NaN when the controller could not size the next step
+        stop = ~keep_step & ((jnp.abs(proposed) < COLLAPSE_ULPS * ulp) | ~jnp.isfinite(proposed))
         first_stop = stop & (stop_reason == STOP_NONE)
         reason = jnp.where(nonfinite, STOP_NONFINITE, STOP_STEP_COLLAPSE).astype(jnp.int32)
         stop_reason = jnp.where(first_stop, reason, stop_reason)

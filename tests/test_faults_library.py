@@ -50,7 +50,7 @@ def test_ode_sampler_stops_at_once_when_the_score_turns_nan(exact_score, sde):
     jax.effects_barrier()
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, FloatingPointError)
     assert "did not reach" not in str(info.value)
-    assert len(score.tally) < 60, len(score.tally)  # a few steps, not 2000 x 6
+    assert len(score.tally) < 600, len(score.tally)  # measured 271 (rejections shrink the step to a few ulps), not 2000 x 6
 
 
 def test_ode_sampler_under_jit_stops_at_once_and_returns_nan(exact_score, sde):
@@ -58,7 +58,7 @@ def test_ode_sampler_under_jit_stops_at_once_and_returns_nan(exact_score, sde):
     x, nfe = jax.jit(lambda key: sample(score, sde, key, (8, 2), method="ode", max_steps=2000))(jax.random.key(0))
     jax.effects_barrier()
     assert np.all(np.isnan(np.asarray(x)))
-    assert int(nfe) == len(score.tally) < 60
+    assert int(nfe) == len(score.tally) < 600
 
 
 def test_likelihood_stops_at_once_when_the_score_turns_nan(exact_score, sde, mixture):
@@ -69,7 +69,7 @@ def test_likelihood_stops_at_once_when_the_score_turns_nan(exact_score, sde, mix
                        key=jax.random.key(0))
     jax.effects_barrier()
     assert float(str(info.value).split("to t=")[1].split(":")[0]) > 0.3 - 1e-6  # the step that crossed t = 0.3
-    assert len(score.tally) < 200, len(score.tally)
+    assert len(score.tally) < 600, len(score.tally)
 
 
 @pytest.mark.parametrize("where", ["x", "mask"])
@@ -90,6 +90,17 @@ def test_likelihood_of_non_finite_input_under_jit_is_nan_after_one_step(exact_sc
                                                  key=jax.random.key(0)))(x)
     assert np.all(np.isnan(np.asarray(logp)))
     assert int(nfe) == 7  # one rejected Dopri5 trial step of 7 stages
+
+
+def test_a_trial_step_that_overflows_is_retried_not_fatal():
+    """dy/dt = -y^3 from y(0) = 10 with a first trial step of 1 overflows (NaN trial state); the
+    solve must shrink the step and reach the exact y(1) = (2 + 1/y0^2)^(-1/2), as diffrax does."""
+    from fpcd.ode import solve_dopri5
+
+    y1, stats = solve_dopri5(lambda t, y, args: -y**3, jnp.array([10.0]), t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5,
+                             dt0=1.0)
+    assert bool(stats.succeeded) and int(stats.num_rejected) >= 1
+    np.testing.assert_allclose(float(y1[0]), (2.0 + 1.0 / 100.0) ** -0.5, rtol=1e-4)  # measured 3.5e-5
 
 
 class ErraticScore(eqx.Module):

@@ -162,7 +162,7 @@ class AnomalyExperiment(Experiment):
         runs = get_field(self.cfg, "sampling.runs")
         if not runs:
             raise ConfigError("config.sampling.runs is empty: name at least one likelihood run")
-        num_hutchinson = 0
+        num_full = 0
         for name, run in runs.items():
             field = f"sampling.runs.{name}"
             if run.get("method") != "likelihood":
@@ -186,9 +186,10 @@ class AnomalyExperiment(Experiment):
                     raise ConfigError(f"config.{field}.{key} must be an integer >= {minimum}, got {options[key]!r}")
             if options["divergence"] == "exact" and options["probes"] != 1:
                 raise ConfigError(f"config.{field}.probes: the exact divergence takes no probes")
-            num_hutchinson += options["divergence"] == "hutchinson" and options["num_jets"] == 0
-        if "agreement" in self.cfg.eval.evaluators and num_hutchinson == 0:
-            raise ConfigError("config.sampling.runs needs a Hutchinson run over every scored jet (num_jets=0)")
+            num_full += options["num_jets"] == 0
+        if num_full == 0:
+            raise ConfigError("config.sampling.runs needs a run over every scored jet (num_jets=0): the anomaly "
+                              "score's run")
 
     # --- data and models -----------------------------------------------------------------------
 
@@ -411,12 +412,13 @@ class AnomalyExperiment(Experiment):
         return metrics
 
     def full_run(self, runs: dict) -> str:
-        """The first Hutchinson run over every scored jet (the anomaly score's run)."""
-        for name, r in runs.items():
-            options = run_options(r.run)
-            if options["divergence"] == "hutchinson" and options["num_jets"] == 0:
-                return name
-        return next(iter(runs))
+        """The anomaly score's run: the first Hutchinson run over every scored jet, else the first
+        exact one (validation requires one)."""
+        full = [name for name, r in runs.items() if run_options(r.run)["num_jets"] == 0]
+        hutchinson = [name for name in full if run_options(runs[name].run)["divergence"] == "hutchinson"]
+        if not full:
+            raise ConfigError("no likelihood run over every scored jet (num_jets=0) in the scores files")
+        return (hutchinson or full)[0]
 
     def evaluate_agreement(self, data: AnomalyData, samples, models, *, figures_dir):
         """Exact vs Hutchinson particle likelihoods on the exact runs' subsets: the correlation of
