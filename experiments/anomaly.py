@@ -20,6 +20,7 @@ Training with the likelihood weighting ``lambda(t) = g(t)^2``:
 
 import ml_collections
 
+from fpcd.config import jet_sections
 from fpcd.config import train_section as _train
 
 
@@ -31,22 +32,11 @@ def get_config(variant: str = ""):
     cfg.name = "anomaly" + (f"_{variant}" if variant else "")
     cfg.seed = 0
 
-    cfg.data = ml_collections.ConfigDict()
-    cfg.data.jet_types = ("g", "q", "t", "w", "z")
-    cfg.data.num_particles = 30
-    cfg.data.num_jets = 8000  # per type: the jets experiment's generated sample (shared cache)
-    cfg.data.test_fraction = 0.3
-    cfg.data.path_pattern = ""
-    cfg.data.cache_dir = ""
-    cfg.data.workers = 0
+    # data (the jets experiment's generated jets: one cache), sde, jet_model, particle_model
+    cfg.update(jet_sections(variant))
 
     # One model pair per background, trained on those types alone; the other types are the anomalies.
     cfg.backgrounds = ml_collections.ConfigDict({"qcd": ("g", "q"), "top": ("t",)})
-
-    cfg.sde = ml_collections.ConfigDict({"beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"})
-    cfg.jet_model = ml_collections.ConfigDict({"width": 128, "depth": 3, "fourier_scale": 16.0})
-    cfg.particle_model = ml_collections.ConfigDict({"width": 64, "depth": 3, "num_heads": 4, "mlp_ratio": 2,
-                                                    "fourier_scale": 16.0})
     # Both backgrounds' training takes ~13 of the default's 20 minutes on 2 CPU cores.
     cfg.train_jet = _train(3000, 256, 1e-3, 200, 1000)
     cfg.train = _train(3000, 128, 5e-4, 300, 1000)  # the particle stage
@@ -67,11 +57,7 @@ def get_config(variant: str = ""):
                                           "min_background": 10})
 
     if variant == "tiny":
-        cfg.data.jet_types = ("q", "t")  # the jets tests' tiny sample
-        cfg.data.num_jets = 400
         cfg.backgrounds = ml_collections.ConfigDict({"qcd": ("q",)})
-        cfg.jet_model.update({"width": 32, "depth": 2})
-        cfg.particle_model.update({"width": 16, "depth": 1, "num_heads": 2})
         cfg.train_jet = _train(150, 64, 2e-3, 10, 75, log_every=50)
         cfg.train = _train(150, 32, 2e-3, 10, 75, log_every=50)
         cfg.sampling.num_samples = 40
@@ -79,10 +65,6 @@ def get_config(variant: str = ""):
         cfg.sampling.runs.hutchinson.probes = 2
         cfg.sampling.runs.exact.num_jets = 8
     elif variant == "full":
-        cfg.data.num_particles = 150
-        cfg.data.num_jets = 100_000
-        cfg.jet_model.update({"width": 256, "depth": 4})
-        cfg.particle_model.update({"width": 128, "depth": 8, "num_heads": 8})
         cfg.train_jet = _train(50_000, 1024, 1e-3, 1000, 5000)
         cfg.train = _train(300_000, 256, 3e-4, 5000, 5000)
         cfg.sampling.num_samples = 20_000

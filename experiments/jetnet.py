@@ -15,7 +15,7 @@ teacher's own DDIM at 8, 4, 2 and 1 steps; ``--config.distill.rounds=0`` skips i
 
 import ml_collections
 
-from fpcd.config import distill_section
+from fpcd.config import distill_section, jet_sections
 from fpcd.config import train_section as _train
 
 
@@ -27,20 +27,8 @@ def get_config(variant: str = ""):
     cfg.name = "jetnet" + (f"_{variant}" if variant else "")
     cfg.seed = 0
 
-    cfg.data = ml_collections.ConfigDict()
-    cfg.data.jet_types = ("g", "q", "t", "w", "z")
-    cfg.data.num_particles = 30
-    cfg.data.num_jets = 8000  # per type, generated
-    cfg.data.test_fraction = 0.3
-    cfg.data.path_pattern = ""  # e.g. /data/jetnet/{type}.hdf5 to use real files
-    cfg.data.cache_dir = ""  # default: $FPCD_CACHE or ~/.cache/fpcd
-    cfg.data.workers = 0  # generator processes (0: all CPUs)
-
-    cfg.sde = ml_collections.ConfigDict({"beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"})
-
-    cfg.jet_model = ml_collections.ConfigDict({"width": 128, "depth": 3, "fourier_scale": 16.0})
-    cfg.particle_model = ml_collections.ConfigDict({"width": 64, "depth": 3, "num_heads": 4, "mlp_ratio": 2,
-                                                    "fourier_scale": 16.0})
+    # data (the jets experiment's generated jets: one cache), sde, jet_model, particle_model
+    cfg.update(jet_sections(variant))
     cfg.train_jet = _train(4000, 256, 1e-3, 200, 1000)
     cfg.train = _train(20000, 128, 5e-4, 500, 1000)  # the particle stage
 
@@ -64,10 +52,6 @@ def get_config(variant: str = ""):
     cfg.eval = ml_collections.ConfigDict({"evaluators": ("jet_metrics",), "num_batches": 5, "seed": 42})
 
     if variant == "tiny":
-        cfg.data.jet_types = ("q", "t")
-        cfg.data.num_jets = 400
-        cfg.jet_model.update({"width": 32, "depth": 2})
-        cfg.particle_model.update({"width": 16, "depth": 1, "num_heads": 2})
         cfg.train_jet = _train(150, 64, 2e-3, 10, 75, log_every=50)
         cfg.train = _train(150, 32, 2e-3, 10, 75, log_every=50)
         cfg.sampling.num_samples = 60
@@ -79,10 +63,6 @@ def get_config(variant: str = ""):
         cfg.eval.num_batches = 1
         cfg.distill.rounds = 0  # the calo tiny preset covers distilling a two-stage model
     elif variant == "full":
-        cfg.data.num_particles = 150
-        cfg.data.num_jets = 100_000
-        cfg.jet_model.update({"width": 256, "depth": 4})
-        cfg.particle_model.update({"width": 128, "depth": 8, "num_heads": 8})
         cfg.train_jet = _train(50_000, 1024, 1e-3, 1000, 5000)
         cfg.train = _train(300_000, 256, 3e-4, 5000, 5000)
         cfg.sampling.num_samples = 50_000

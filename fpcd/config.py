@@ -216,6 +216,37 @@ DISTILL_OPTIMISATION_FIELDS = ("num_steps", "learning_rate", "warmup_steps", "sc
                                "ema_decay", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
+def jet_sections(variant: str = "") -> dict:
+    """The ``data``, ``sde``, ``jet_model`` and ``particle_model`` sections of the jets presets
+    (``""``, ``"tiny"``, ``"full"``), shared by ``experiments/jetnet.py`` and
+    ``experiments/anomaly.py``: the same data settings make the two read the same generated jets
+    (one cache)."""
+    data = ml_collections.ConfigDict({
+        "jet_types": ("g", "q", "t", "w", "z"),
+        "num_particles": 30,
+        "num_jets": 8000,  # per type, generated
+        "test_fraction": 0.3,  # the last 30 % of each type is held out
+        "path_pattern": "",  # e.g. /data/jetnet/{type}.hdf5 to use real files
+        "cache_dir": "",  # default: $FPCD_CACHE or ~/.cache/fpcd
+        "workers": 0,  # generator processes (0: all CPUs)
+    })
+    jet_model = ml_collections.ConfigDict({"width": 128, "depth": 3, "fourier_scale": 16.0})
+    particle_model = ml_collections.ConfigDict({"width": 64, "depth": 3, "num_heads": 4, "mlp_ratio": 2,
+                                                "fourier_scale": 16.0})
+    if variant == "tiny":
+        data.update({"jet_types": ("q", "t"), "num_jets": 400})
+        jet_model.update({"width": 32, "depth": 2})
+        particle_model.update({"width": 16, "depth": 1, "num_heads": 2})
+    elif variant == "full":
+        data.update({"num_particles": 150, "num_jets": 100_000})
+        jet_model.update({"width": 256, "depth": 4})
+        particle_model.update({"width": 128, "depth": 8, "num_heads": 8})
+    elif variant:
+        raise ValueError(f"unknown jets preset {variant!r}; expected '', 'tiny' or 'full'")
+    sde = ml_collections.ConfigDict({"beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"})
+    return {"data": data, "sde": sde, "jet_model": jet_model, "particle_model": particle_model}
+
+
 def distill_section(rounds: int, teacher_steps: int, num_steps: int, learning_rate: float, *,
                     sample_steps: tuple[int, ...] = (8, 4, 2, 1), warmup_steps: int = 0, ema_decay: float = 0.995,
                     log_every: int = 100, checkpoint_every: int = 500, t_min: float = 1e-3):
