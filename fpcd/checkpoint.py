@@ -25,16 +25,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fpcd.errors import ExpectedError
 from fpcd.io import DiskFullError, is_disk_full
 
 UNREADABLE_SUFFIX = ".unreadable"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ExpectedError, ValueError):
     """A checkpoint holds arrays of other shapes or number than the model: another model configuration."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(ExpectedError, ValueError):
     """No checkpoint step of a directory can be read."""
 
 

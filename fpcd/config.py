@@ -13,14 +13,11 @@ import re
 
 import ml_collections
 
+from fpcd.errors import ConfigError
 from fpcd.nets import PREDICTIONS
 from fpcd.sampling import METHOD_DEFAULTS, _check_options, nfe_of
 from fpcd.sde import SCHEDULES
 from fpcd.train import LOSS_WEIGHTINGS, TIME_SAMPLINGS
-
-
-class ConfigError(ValueError):
-    """A config value is missing or invalid; the message names the field."""
 
 
 def get_field(cfg, dotted: str):

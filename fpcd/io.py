@@ -25,10 +25,12 @@ from typing import Callable
 
 import numpy as np
 
+from fpcd.errors import ExpectedError
+
 LOCK_FILE = ".lock"
 
 
-class DiskFullError(OSError):
+class DiskFullError(ExpectedError, OSError):
     """No space left on the device while writing ``filename``; what was written before is intact.
 
     ``str(err)`` is one line naming the path and what to do (``hint`` replaces the default advice).
@@ -172,7 +174,7 @@ def silenced_stdout():
 # --- one run per workdir ---------------------------------------------------------------------------
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(ExpectedError, RuntimeError):
     """Another live run holds the workdir's lock; the message names the workdir and the holder."""
 
 

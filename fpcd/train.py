@@ -20,12 +20,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
+from fpcd.errors import ExpectedError
 from fpcd.nets import PREDICTIONS, apply_batched
 from fpcd.parallel import DATA_AXIS
 from fpcd.sde import VPSDE, broadcast_time, mask_or_ones
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ExpectedError, FloatingPointError):
     """Training produced a NaN/inf loss or parameters; the last good checkpoint is kept."""
 
 

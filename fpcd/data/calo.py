@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from fpcd.errors import DataError
 from fpcd.io import atomic_write, open_hdf5
 
 PION_MASS_GEV = 0.13957
@@ -58,7 +59,7 @@ CLUSTER_FEATURES = ("P_gen", "theta_gen", "sum_E", "N_cells")
 CHUNK = 1024
 
 
-class CaloDataError(ValueError):
+class CaloDataError(DataError):
     """A calorimeter file is missing, has the wrong layout or holds non-finite values."""
 
 

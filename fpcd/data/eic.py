@@ -32,6 +32,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from fpcd.errors import DataError
 from fpcd.data.jetnet import default_cache_dir
 from fpcd.data.workers import map_chunks
 from fpcd.io import open_hdf5, silenced_stdout
@@ -56,7 +57,7 @@ SPECIES_MASS = np.array([0.938272, 0.939565, 0.493677, 0.139570, 0.0, 0.105658, 
 REPRESENTATIVE_ID = np.array([2212, 2112, 321, 211, 14, 13, 11, 22, 130], np.int64)
 
 
-class EicDataError(ValueError):
+class EicDataError(DataError):
     """An EIC event file is missing, has the wrong layout, or holds invalid values."""
 
 

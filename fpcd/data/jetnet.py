@@ -39,6 +39,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from fpcd.errors import DataError
 from fpcd.data.workers import map_chunks
 from fpcd.io import open_hdf5, silenced_stdout
 
@@ -62,7 +63,7 @@ _SILENT = ("Print:quiet = on", "Next:numberCount = 0", "Next:numberShowEvent = 0
            "Next:numberShowProcess = 0")
 
 
-class JetDataError(ValueError):
+class JetDataError(DataError):
     """A jet data file is missing, has the wrong layout, or holds invalid values."""
 
 
