@@ -28,44 +28,38 @@ import os
 import jax
 import numpy as np
 
-from fpcd.config import ConfigError, require_classifier, require_float, require_int, require_ints, require_models
+from fpcd.config import ConfigError, require_classifier, require_float, require_int, require_ints
 from fpcd.data import calo_transforms as buckets
 from fpcd.data import eic
 from fpcd.data import eic_transforms as transforms
+from fpcd.experiments.two_stage import (TwoStageExperiment, bucketed_stage, classifier, run_row, sample_global,
+                                        sample_set, split, table_cell)
 from fpcd.metrics import eic as eic_metrics
-from fpcd.metrics.classifier import classifier_auc
-from fpcd.nets import ResMLP, SetTransformer, score_fn_from
 from fpcd.plots.common import nfe_vs_w1
 from fpcd.plots.eic import compare, species_spectra
-from fpcd.runner import Experiment, Stage, main_process_first
-from fpcd.train import batch_indices
+from fpcd.runner import main_process_first
 
 MAX_OTHER = eic.MAX_PARTICLES - 1  # particles after the electron
 GOAL_W1_OVER_FLOOR = 2.0
 
 
-class PreparedData:
+class EicData:
     """Train/test split (the last ``data.test_fraction`` is held out), standardisation, model arrays
     and multiplicity buckets of the training events."""
 
     def __init__(self, cfg, events: eic.EventSet, num_empty: int = 0):
         self.num_empty = num_empty  # events without particles besides the electron, dropped
-        cut = int(round(len(events) * (1.0 - cfg.data.test_fraction)))
-        self.train, self.test = events.take(slice(0, cut)), events.take(slice(cut, None))
+        self.train, self.test = split(events, cfg.data.test_fraction)
         self.stats = transforms.fit_standardisation(self.train)
         self.event, self.particles, self.mask, _ = transforms.to_model(self.train, self.stats)
         self.lengths, self.buckets = buckets.training_buckets(
             self.train.multiplicity, buckets.bucket_lengths(cfg.data.buckets, MAX_OTHER), cfg.train.batch_size)
 
-    def particle_batch(self, seed: int, step: int, batch_size: int, rows=slice(None), length=None):
-        """Rows ``rows`` of the bucketed particle batch at ``step``, padded to its bucket's length."""
-        bucket, idx = buckets.bucketed_batch(seed, step, self.buckets, batch_size)
-        idx = idx[rows]
-        length = length or self.lengths[bucket]
-        return {"x": self.particles[idx, :length], "mask": self.mask[idx, :length], "cond": self.event[idx]}
 
-
-class EicExperiment(Experiment):
+class EicExperiment(TwoStageExperiment):
+    GLOBAL_STAGE, SET_STAGE = "event", "particle"
+    GLOBAL_MODEL, SET_MODEL = "event_model", "particle_model"
+    GLOBAL_TRAIN, SET_TRAIN = "train_event", "train"
     KEY_NAMES = ("models", "train_event", "train", "sampling")
     # data.cache_dir and data.workers do not change the events: another cache is the same run.
     IDENTITY_FIELDS = ("experiment", "seed", "data.path", "data.num_events", "data.q2_min", "data.test_fraction",
@@ -82,7 +76,6 @@ class EicExperiment(Experiment):
         require_float(cfg, "data.test_fraction", low=0.05, high=0.9)
         require_int(cfg, "data.workers", minimum=0)
         require_ints(cfg, "data.buckets", minimum_count=0)
-        require_models(cfg, "event_model", "particle_model")
         require_classifier(cfg)
 
     def load_events(self) -> eic.EventSet:
@@ -94,7 +87,7 @@ class EicExperiment(Experiment):
                                    cache_dir=cfg.data.cache_dir or None, workers=cfg.data.workers or None,
                                    progress=self.progress)
 
-    def load_data(self) -> PreparedData:
+    def load_data(self) -> EicData:
         try:  # process 0 generates and caches, the others then read the cache
             events = main_process_first(self.load_events)
         except eic.EicDataError as err:
@@ -105,51 +98,38 @@ class EicExperiment(Experiment):
         empty = events.multiplicity < 1
         if empty.any():
             events = events.take(np.flatnonzero(~empty))
-        data = PreparedData(self.cfg, events, num_empty=int(empty.sum()))
+        data = EicData(self.cfg, events, num_empty=int(empty.sum()))
         self.require_held_out(len(data.test), "held-out events")
         return data
 
-    def models(self):
-        cfg = self.cfg
-        k_event, k_particle = jax.random.split(self.key("models"))
-        event_model = ResMLP(transforms.NUM_EVENT_FEATURES, width=cfg.event_model.width, depth=cfg.event_model.depth,
-                             fourier_scale=cfg.event_model.fourier_scale, key=k_event)
-        p = cfg.particle_model
-        particle_model = SetTransformer(transforms.NUM_MODEL_FEATURES, width=p.width, depth=p.depth,
-                                        num_heads=p.num_heads, mlp_ratio=p.mlp_ratio,
-                                        cond_dim=transforms.NUM_EVENT_FEATURES, fourier_scale=p.fourier_scale,
-                                        key=k_particle)
-        return event_model, particle_model
+    def model_dims(self, data):
+        return {"global": (transforms.NUM_EVENT_FEATURES, 0),
+                "set": (transforms.NUM_MODEL_FEATURES, transforms.NUM_EVENT_FEATURES)}
 
-    def stages(self, data: PreparedData):
-        cfg = self.cfg
-        event_model, particle_model = self.models()
+    def global_arrays(self, data: EicData):
+        return {"x": data.event}
 
-        def event_batch(step, rows):
-            return {"x": data.event[batch_indices(cfg.seed, step, len(data.event), cfg.train_event.batch_size)[rows]]}
+    def set_stage(self, data: EicData, model):
+        def rows_batch(idx, rows, length, step):
+            idx = idx[rows]
+            return {"x": data.particles[idx, :length], "mask": data.mask[idx, :length], "cond": data.event[idx]}
 
-        def particle_batch(step, rows):
-            return data.particle_batch(cfg.seed + 1, step, cfg.train.batch_size, rows)
+        s = self.stage_settings("set")
+        return bucketed_stage(s["name"], model, s["section"], s["key"], seed=s["seed"], bucket_of=data.buckets,
+                              lengths=data.lengths, rows_batch=rows_batch)
 
-        def probe_batch(rows):  # the longest bucket sets the peak memory
-            return data.particle_batch(cfg.seed + 1, 0, cfg.train.batch_size, rows, length=data.lengths[-1])
-
-        return (Stage("event", event_model, cfg.train_event, self.key("train_event"), event_batch,
-                      lambda rows: event_batch(0, rows)),
-                Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch, probe_batch))
-
-    def training_examples(self, data: PreparedData):
+    def training_examples(self, data: EicData):
         return {"train_event": len(data.event), "train": len(data.particles)}
 
-    def generate(self, data: PreparedData, models, group, run, key, sampler, num_samples=None):
+    def generate(self, data: EicData, models, group, run, key, sampler, num_samples=None):
         """Events through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""
         cfg = self.cfg
         n = num_samples or cfg.sampling.num_samples
         k_event, k_particle, k_phi = jax.random.split(key, 3)
-        event_std, nfe_event, seconds_event = sampler(
-            lambda cond, mask: score_fn_from(models["event"], self.sde, prediction=cfg.train_event.prediction),
-            k_event, num_samples=n, batch_size=self.batch_size(n, sampler),
-            sample_shape=(transforms.NUM_EVENT_FEATURES,), run=run, description="sample event vectors")
+        event_std, nfe_event, seconds_event = sample_global(
+            sampler, models["event"], self.sde, run, k_event, prediction=cfg.train_event.prediction, num_samples=n,
+            batch_size=self.batch_size(n, sampler), num_features=transforms.NUM_EVENT_FEATURES,
+            description="sample event vectors")
         finite = np.all(np.isfinite(event_std), axis=1)
         event_std = np.where(finite[:, None], event_std, 0.0)
         multiplicity = transforms.multiplicity_from_model(event_std, data.stats, MAX_OTHER)
@@ -157,23 +137,11 @@ class EicExperiment(Experiment):
         event_std = event_std.copy()
         event_std[:, 2] = (multiplicity - data.stats.event.mean[2]) / data.stats.event.std[2]
         event_std = event_std.astype(np.float32)
-        particles = np.zeros((n, MAX_OTHER, transforms.NUM_MODEL_FEATURES), np.float32)
-        bucket = np.searchsorted(data.lengths, multiplicity)
-        seconds, nfe = 0.0, 0
-        for b, length in enumerate(data.lengths):
-            rows = np.flatnonzero(bucket == b)
-            if not len(rows):
-                continue
-            masks = (np.arange(length)[None, :] < multiplicity[rows][:, None]).astype(np.float32)
-            x, nfe_b, secs = sampler(
-                lambda cond, mask: score_fn_from(models["particle"], self.sde, prediction=cfg.train.prediction,
-                                                 mask=mask, cond=cond),
-                jax.random.fold_in(k_particle, b), num_samples=len(rows),
-                batch_size=self.batch_size(len(rows), sampler),
-                sample_shape=(length, transforms.NUM_MODEL_FEATURES), run=run,
-                description=f"sample particles (<= {length})", conditions=event_std[rows], mask=masks)
-            particles[rows, :length] = x
-            nfe, seconds = max(nfe, nfe_b), seconds + secs
+        particles, nfe, seconds = sample_set(
+            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train.prediction,
+            counts=multiplicity, max_length=MAX_OTHER, num_features=transforms.NUM_MODEL_FEATURES,
+            conditions=event_std, batch_size=lambda rows: self.batch_size(rows, sampler),
+            description="sample particles", lengths=data.lengths)
         mask = (np.arange(MAX_OTHER)[None, :] < multiplicity[:, None]).astype(np.float32)
         finite &= np.all(np.isfinite(particles), axis=(1, 2))
         particles = np.where(finite[:, None, None], particles, 0.0) * mask[..., None]
@@ -191,7 +159,7 @@ class EicExperiment(Experiment):
     def evaluators(self):
         return {"observables": self.evaluate_observables, "classifier": self.evaluate_classifier}
 
-    def _truth_halves(self, data: PreparedData):
+    def _truth_halves(self, data: EicData):
         n = self.cfg.sampling.num_samples
         return data.test.take(slice(0, n)), data.test.take(slice(n, 2 * n))
 
@@ -200,7 +168,7 @@ class EicExperiment(Experiment):
         keep = np.asarray(r.arrays["finite"], bool)
         return eic.EventSet(r.arrays["particles"][keep], r.arrays["kinematics"][keep])
 
-    def evaluate_observables(self, data: PreparedData, samples, models, *, figures_dir):
+    def evaluate_observables(self, data: EicData, samples, models, *, figures_dir):
         """W1 of every observable and per-species quantity against held-out events with the
         truth-vs-truth floor, the conservation checks, and the figures."""
         truth_a, truth_b = self._truth_halves(data)
@@ -213,8 +181,7 @@ class EicExperiment(Experiment):
             generated[name] = events = self._generated(r)
             block = eic_metrics.w1_block(obs_a, eic_metrics.observables(events))
             ratios = eic_metrics.ratios_to_floor(block, floor)
-            row = {"method": r.run["method"], "options": {k: v for k, v in r.run.items() if k != "method"}, **r.info,
-                   **block, **ratios, "conservation": eic_metrics.conservation(events)}
+            row = {**run_row(r), **block, **ratios, "conservation": eic_metrics.conservation(events)}
             row["goal_every_w1_within_2x_floor"] = bool(ratios["w1_over_floor_max"] is not None
                                                         and ratios["w1_over_floor_max"] <= GOAL_W1_OVER_FLOOR)
             metrics["runs"][name] = row
@@ -230,11 +197,9 @@ class EicExperiment(Experiment):
         return metrics
 
     def _classifier(self, truth, generated):
-        c = self.cfg.eval.classifier
-        return classifier_auc(truth, generated, seed=int(self.cfg.eval.seed), hidden=tuple(c.hidden),
-                              epochs=c.epochs, batch_size=c.batch_size, learning_rate=c.learning_rate)
+        return classifier(self.cfg, truth, generated)
 
-    def evaluate_classifier(self, data: PreparedData, samples, models, *, figures_dir):
+    def evaluate_classifier(self, data: EicData, samples, models, *, figures_dir):
         """AUC of an MLP separating generated from held-out events on :func:`fpcd.metrics.eic.classifier_features`
         (``classifier``), the same without the conservation sums (charge, z, transverse momentum:
         ``classifier_without_sums``, what else gives the events away), and both between the two
@@ -257,9 +222,7 @@ class EicExperiment(Experiment):
         return metrics
 
     def format_results(self, metrics: dict) -> str:
-        def cell(value, width, digits):
-            return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
-
+        cell = table_cell
         short = {"electron_pt": "pTe", "electron_eta": "etae", "multiplicity": "N", "log10_q2": "Q2",
                  "log10_x": "x", "y": "y", "eta": "eta", "phi_recoil": "phi", "log_pt_ratio": "pTrel"}
         lines = [f"{'run':<12}{'NFE':>5}{'ms/ev':>7}" + "".join(f"{v:>6}" for v in short.values())

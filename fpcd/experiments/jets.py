@@ -23,17 +23,15 @@ import warnings
 import jax
 import numpy as np
 
-from fpcd.config import (ConfigError, get_field, require_bool, require_float, require_int, require_models,
-                         require_strings)
+from fpcd.config import ConfigError, get_field, require_bool, require_float, require_int, require_strings
 from fpcd.data import jet_transforms
 from fpcd.data.jetnet import JET_TYPES, JetDataError, JetSet, cached_generate, load
 from fpcd.data.standardisation import feature_bounds
 from fpcd.metrics import jets as jet_metrics
-from fpcd.nets import ResMLP, SetTransformer, score_fn_from
+from fpcd.experiments.two_stage import TwoStageExperiment, array_stage, run_row, sample_global, sample_set, split
 from fpcd.plots.common import nfe_vs_w1
 from fpcd.plots.jets import compare
-from fpcd.runner import Experiment, Stage, main_process_first
-from fpcd.train import batch_indices
+from fpcd.runner import main_process_first
 
 NUM_JET_FEATURES = 4
 NUM_PARTICLE_FEATURES = 3
@@ -45,13 +43,7 @@ def one_hot(jet_type: str, types: tuple[str, ...], n: int) -> np.ndarray:
     return vector
 
 
-def split(jets: JetSet, test_fraction: float) -> tuple[JetSet, JetSet]:
-    """(train, test): the last ``test_fraction`` of the file is the test split (as FPCD)."""
-    cut = int(round(len(jets) * (1.0 - test_fraction)))
-    return jets.take(slice(0, cut)), jets.take(slice(cut, None))
-
-
-class PreparedData:
+class JetData:
     """Centred train/test jets per type, their standardisation and the stacked training arrays."""
 
     def __init__(self, types, jets_by_type: dict, test_fraction: float):
@@ -135,7 +127,11 @@ def validate_jet_data(cfg) -> tuple[str, ...]:
     return types
 
 
-class JetsExperiment(Experiment):
+class JetsExperiment(TwoStageExperiment):
+    GLOBAL_STAGE, SET_STAGE = "jet", "particle"
+    GLOBAL_MODEL, SET_MODEL = "jet_model", "particle_model"
+    GLOBAL_TRAIN, SET_TRAIN = "train_jet", "train"
+    RECORD_MEMORY = False
     KEY_NAMES = ("models", "train_jet", "train", "sampling")
     IDENTITY_FIELDS = ("experiment", "seed", "data", "sde", "jet_model", "particle_model", "train.prediction",
                        "train_jet.prediction")
@@ -145,7 +141,6 @@ class JetsExperiment(Experiment):
         super().validate(num_devices)
         cfg = self.cfg
         validate_jet_data(cfg)
-        require_models(cfg, "jet_model", "particle_model")
         require_bool(cfg, "sampling.clip_denoised")
         require_int(cfg, "eval.num_batches")
         get_field(cfg, "eval.seed")
@@ -165,44 +160,29 @@ class JetsExperiment(Experiment):
                                seed=cfg.seed + 1000 * JET_TYPES.index(jet_type), cache_dir=cfg.data.cache_dir or None,
                                workers=cfg.data.workers or None, progress=self.progress)
 
-    def load_data(self) -> PreparedData:
+    def load_data(self) -> JetData:
         try:  # process 0 generates and caches, the others then read the cache
             jets = main_process_first(lambda: {jet_type: self.load_jets(jet_type) for jet_type in self.types})
         except JetDataError as err:
             raise ConfigError(str(err)) from None
-        data = PreparedData(self.types, jets, self.cfg.data.test_fraction)
+        data = JetData(self.types, jets, self.cfg.data.test_fraction)
         for jet_type in self.types:
             self.require_held_out(len(data.test[jet_type]), f"test jets of type {jet_type!r}")
         return data
 
-    def models(self, num_types: int):
-        cfg = self.cfg
-        k_jet, k_particle = jax.random.split(self.key("models"))
-        jet_model = ResMLP(NUM_JET_FEATURES, width=cfg.jet_model.width, depth=cfg.jet_model.depth,
-                           cond_dim=num_types, fourier_scale=cfg.jet_model.fourier_scale, key=k_jet)
-        p = cfg.particle_model
-        particle_model = SetTransformer(NUM_PARTICLE_FEATURES, width=p.width, depth=p.depth, num_heads=p.num_heads,
-                                        mlp_ratio=p.mlp_ratio, cond_dim=NUM_JET_FEATURES + num_types,
-                                        fourier_scale=p.fourier_scale, key=k_particle)
-        return jet_model, particle_model
+    def model_dims(self, data: JetData | None):
+        num_types = len(self.types)
+        return {"global": (NUM_JET_FEATURES, num_types), "set": (NUM_PARTICLE_FEATURES, NUM_JET_FEATURES + num_types)}
 
-    def stages(self, data: PreparedData):
-        cfg = self.cfg
-        jet_model, particle_model = self.models(len(data.types))
+    def global_arrays(self, data: JetData):
+        return {"x": data.jet, "cond": data.type}
 
-        def jet_batch(step, rows):
-            idx = batch_indices(cfg.seed, step, len(data), cfg.train_jet.batch_size)[rows]
-            return {"x": data.jet[idx], "cond": data.type[idx]}
+    def set_stage(self, data: JetData, model):
+        s = self.stage_settings("set")
+        arrays = {"x": data.particles, "mask": data.mask, "cond": np.concatenate([data.jet, data.type], axis=1)}
+        return array_stage(s["name"], model, s["section"], s["key"], seed=s["seed"], arrays=arrays, probe=False)
 
-        def particle_batch(step, rows):
-            idx = batch_indices(cfg.seed + 1, step, len(data), cfg.train.batch_size)[rows]
-            cond = np.concatenate([data.jet[idx], data.type[idx]], axis=1)
-            return {"x": data.particles[idx], "mask": data.mask[idx], "cond": cond}
-
-        return (Stage("jet", jet_model, cfg.train_jet, self.key("train_jet"), jet_batch),
-                Stage("particle", particle_model, cfg.train, self.key("train"), particle_batch))
-
-    def training_examples(self, data: PreparedData):
+    def training_examples(self, data: JetData):
         return {"train_jet": len(data), "train": len(data)}
 
     def sample_groups(self, data):
@@ -211,7 +191,7 @@ class JetsExperiment(Experiment):
     def samples_attrs(self, group):
         return {"jet_type": group}
 
-    def generate(self, data: PreparedData, models, jet_type, run, key, sampler, num_samples=None):
+    def generate(self, data: JetData, models, jet_type, run, key, sampler, num_samples=None):
         """Jets of one type through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""
         cfg = self.cfg
         n = num_samples or cfg.sampling.num_samples
@@ -219,22 +199,20 @@ class JetsExperiment(Experiment):
         types = one_hot(jet_type, data.types, n)
         k_jet, k_particle = jax.random.split(key)
         bounds = data.bounds[jet_type] if cfg.sampling.clip_denoised else {"jet": None, "particle": None}
-        jet_std, jet_nfe, jet_seconds = sampler(
-            lambda cond, mask: score_fn_from(models["jet"], self.sde, prediction=cfg.train_jet.prediction, cond=cond,
-                                             x0_bounds=bounds["jet"]),
-            k_jet, num_samples=n, batch_size=batch, sample_shape=(NUM_JET_FEATURES,), run=run,
-            description=f"sample {jet_type} jets", conditions=types)
+        jet_std, jet_nfe, jet_seconds = sample_global(
+            sampler, models["jet"], self.sde, run, k_jet, prediction=cfg.train_jet.prediction, num_samples=n,
+            batch_size=batch, num_features=NUM_JET_FEATURES, description=f"sample {jet_type} jets", conditions=types,
+            x0_bounds=bounds["jet"])
         # The multiplicity sets the mask; the particle stage sees the jet features it was trained on.
         multiplicity = np.clip(np.rint(stats.jet.invert(jet_std)[:, 3]), 1, num_particles)
         jet_std = jet_std.copy()
         jet_std[:, 3] = (multiplicity - stats.jet.mean[3]) / stats.jet.std[3]
         mask = jet_transforms.multiplicity_mask(multiplicity, num_particles)
-        particles, particle_nfe, particle_seconds = sampler(
-            lambda cond, mask: score_fn_from(models["particle"], self.sde, prediction=cfg.train.prediction,
-                                             mask=mask, cond=cond, x0_bounds=bounds["particle"]),
-            k_particle, num_samples=n, batch_size=batch, sample_shape=(num_particles, NUM_PARTICLE_FEATURES), run=run,
-            description=f"sample {jet_type} particles", conditions=np.concatenate([jet_std, types], axis=1),
-            mask=mask)
+        particles, particle_nfe, particle_seconds = sample_set(
+            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train.prediction,
+            counts=multiplicity, max_length=num_particles, num_features=NUM_PARTICLE_FEATURES,
+            conditions=np.concatenate([jet_std, types], axis=1), batch_size=lambda rows: batch,
+            description=f"sample {jet_type} particles", x0_bounds=bounds["particle"])
         finite = np.all(np.isfinite(particles), axis=(1, 2)) & np.all(np.isfinite(jet_std), axis=1)
         jets = jet_transforms.postprocess(particles[finite], mask[finite], jet_std[finite], stats, jet_type)
         seconds = jet_seconds + particle_seconds
@@ -246,7 +224,7 @@ class JetsExperiment(Experiment):
     def evaluators(self):
         return {"jet_metrics": self.evaluate_jet_metrics}
 
-    def evaluate_jet_metrics(self, data: PreparedData, samples, models, *, figures_dir):
+    def evaluate_jet_metrics(self, data: JetData, samples, models, *, figures_dir):
         """W1M, W1P, W1EFP, FPD and KPD per type and run against held-out jets, with the
         truth-vs-truth floors, and the figures; a run without finite jets gets NaN metrics and a
         ``"nonfinite"`` reason, and stays out of the figures."""
@@ -262,9 +240,7 @@ class JetsExperiment(Experiment):
             generated = {}
             for name, r in samples[jet_type].items():
                 generated[name] = JetSet(jet_type, r.arrays["particle_features"], r.arrays["jet_features"])
-                row["runs"][name] = {"method": r.run["method"],
-                                     "options": {k: v for k, v in r.run.items() if k != "method"},
-                                     **r.info, **jet_metric_row(truth, generated[name], **kw)}
+                row["runs"][name] = {**run_row(r), **jet_metric_row(truth, generated[name], **kw)}
                 finite = len(finite_jets(generated[name]))
                 if finite < MIN_JETS:
                     dropped = int(r.info.get("num_nonfinite_dropped") or 0) + len(generated[name]) - finite
