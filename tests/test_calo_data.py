@@ -194,7 +194,7 @@ def test_from_voxels_round_trip(showers):
 
 
 def test_save_load_round_trip(tmp_path, showers):
-    path = calo.save(str(tmp_path / "pions.h5"), showers.take(slice(0, 50)))
+    path = calo.save(showers.take(slice(0, 50)), str(tmp_path / "pions.h5"))
     loaded = calo.load(path)
     np.testing.assert_array_equal(loaded.cells, showers.cells[:50])
     np.testing.assert_array_equal(loaded.cluster, showers.cluster[:50])
@@ -242,17 +242,101 @@ def test_load_missing_and_unreadable(tmp_path):
         calo.load(str(tmp_path / "text.h5"))
 
 
-def test_gflash_part_reproduces_the_notes_tungsten_numbers():
-    """The electromagnetic component against the GFLASH sanity numbers of ../shared/physics/calo.md
-    (an independent implementation, tungsten, 2000 showers each)."""
-    tungsten = dataclasses.replace(G, absorber_z=74.0, absorber_a=183.84, absorber_x0_gcm2=6.76, em_spots=2000)
-    assert tungsten.critical_energy_mev == pytest.approx(8.0, abs=0.05)
-    rng = np.random.default_rng(0)
-    for energy, (t_max, alpha, t_cog) in ((1.0, (4.1, 3.3, 6.1)), (10.0, (6.4, 4.4, 8.3)), (100.0, (8.6, 5.5, 10.6))):
-        t, a, _ = calo._gflash_parameters(rng, np.full(2000, energy), tungsten)
-        assert t.mean() == pytest.approx(t_max, abs=0.15)
-        assert a.mean() == pytest.approx(alpha, abs=0.15)
-        assert (a * t / (a - 1)).mean() == pytest.approx(t_cog, abs=0.25)
-    _, radius, _ = calo._em_spots(rng, np.full(200, 10.0), tungsten)
-    contained = [np.mean(radius < k * tungsten.moliere_mm) for k in (1.0, 1.5, 3.5)]
-    np.testing.assert_allclose(contained, [0.89, 0.94, 0.985], atol=0.01)
+# --- physically invalid files and arguments ---------------------------------------------------
+
+
+def small_showers(n=4, c=6):
+    cells = np.zeros((n, c, 5), np.float32)
+    counts = np.array([3, 1, 6, 2])[:n]
+    for i, k in enumerate(counts):
+        cells[i, :k] = [0.5, 50.0, -50.0, 3900.0, 1.0]
+    cluster = np.stack([np.full(n, 10.0), np.full(n, 17.0), cells[..., 0].sum(1), counts], 1).astype(np.float32)
+    return cells, cluster
+
+
+CALO_CASES = [
+    ("momentum_zero", r"dataset 'cluster': the generated momentum P_gen \(column 0\) is not positive in 1 row\(s\) "
+                      r"\(first: row 2, value 0\)"),
+    ("momentum_negative", r"P_gen \(column 0\) is not positive in 1 row\(s\) \(first: row 1, value -3\)"),
+    ("n_cells", r"dataset 'cluster': N_cells \(column 3\) differs .* \(first: row 3, N_cells 5 but 2 real cells\)"),
+    ("dropped_length", r"dataset 'dropped_energy' has 3 rows but hcal_cells has 4"),
+    ("dropped_negative", r"dataset 'dropped_energy': negative energy in 1 row\(s\) \(first: row 0"),
+]
+
+
+@pytest.mark.parametrize("case, message", CALO_CASES, ids=[case for case, _ in CALO_CASES])
+def test_calo_loader_refuses_invalid_point_clouds(tmp_path, case, message):
+    cells, cluster = small_showers()
+    extra = {}
+    if case == "momentum_zero":
+        cluster[2, 0] = 0.0
+    elif case == "momentum_negative":
+        cluster[1, 0] = -3.0
+    elif case == "n_cells":
+        cluster[3, 3] = 5
+    elif case == "dropped_length":
+        extra["dropped_energy"] = np.zeros(3, np.float32)
+    elif case == "dropped_negative":
+        extra["dropped_energy"] = np.array([-1.0, 0, 0, 0], np.float32)
+    path = write(tmp_path / "bad.h5", hcal_cells=cells, cluster=cluster, **extra)
+    with pytest.raises(calo.CaloDataError, match=message) as info:
+        calo.load(path)
+    assert str(info.value).startswith(path)
+
+
+def test_calo_loader_still_reads_a_valid_point_cloud(tmp_path):
+    cells, cluster = small_showers()
+    loaded = calo.load(write(tmp_path / "good.h5", hcal_cells=cells, cluster=cluster))
+    np.testing.assert_array_equal(loaded.cluster, cluster)
+
+
+CALOCHALLENGE_CASES = [
+    ("incident_zero", r"dataset 'incident_energies': the incident energy is not positive .* \(first: row 1, value 0\)"),
+    ("voxel_negative", r"dataset 'showers': negative voxel energies in 1 row\(s\) \(first: row 2\)"),
+]
+
+
+@pytest.mark.parametrize("case, message", CALOCHALLENGE_CASES, ids=[case for case, _ in CALOCHALLENGE_CASES])
+def test_calo_loader_refuses_invalid_calochallenge_files(tmp_path, case, message):
+    energies, voxels = np.full((3, 1), 1e4), np.ones((3, 12))
+    if case == "incident_zero":
+        energies[1] = 0.0
+    else:
+        voxels[2, 5] = -1.0
+    path = write(tmp_path / "cc.h5", incident_energies=energies, showers=voxels)
+    with pytest.raises(calo.CaloDataError, match=message) as info:
+        calo.load(path)
+    assert path in str(info.value)
+
+
+def test_simulate_refuses_an_infinite_momentum_range():
+    # An infinite bound would give showers of infinite momentum.
+    with pytest.raises(ValueError, match=r"momentum_range=\(1.0, inf\): need finite"):
+        calo.simulate(4, momentum_range=(1.0, np.inf))
+
+
+@pytest.mark.parametrize("num_showers, kwargs, name", [
+    (4, {"phi": np.inf}, "phi"),
+    (4.5, {}, "num_showers"),
+    (4, {"max_cells": 2.5}, "max_cells"),
+])
+def test_simulate_refuses_other_bad_numeric_arguments(num_showers, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        calo.simulate(num_showers, **kwargs)
+
+
+
+def re_shape(shape):
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("cells", [np.zeros((3, 5)), np.zeros((2, 3, 4)), np.zeros((2, 3, 5, 1))],
+                         ids=["2-d", "4 features", "4-d"])
+def test_to_voxels_names_the_expected_shape(cells):
+    with pytest.raises(ValueError, match=rf"cells must have shape \(N, C, 5\).*got shape {re_shape(cells.shape)}"):
+        calo.to_voxels(cells)
+
+
+def test_from_voxels_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 11, 11, 11\).*got shape \(2, 11, 11\)"):
+        calo.from_voxels(np.zeros((2, 11, 11)))

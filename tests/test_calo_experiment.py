@@ -259,18 +259,6 @@ def test_colliding_points_move_to_the_nearest_free_cell():
         transforms.cells_from_features(features, np.ones((1, 3)), theta, np.array([0.6]), 3, collision_metric="cm")
 
 
-def test_buckets():
-    counts = np.array([5, 10, 40, 41, 70, 120, 130, 10, 12, 33])
-    lengths, index = transforms.training_buckets(counts, (32, 64, 136), batch_size=3)
-    assert lengths == (32, 64, 136)
-    assert np.all(counts <= np.asarray(lengths)[index])
-    lengths, index = transforms.training_buckets(counts, (32, 64, 136), batch_size=4)
-    assert lengths == (32, 136)  # the 64-bucket held 3 < 4 showers and merges upwards
-    bucket, idx = transforms.bucketed_batch(0, 5, index, 4)
-    assert len(idx) == 4 and np.all(index[idx] == bucket)
-    np.testing.assert_array_equal(transforms.bucketed_batch(0, 5, index, 4)[1], idx)
-
-
 def _cfg(**overrides):
     cfg = calo_config.get_config("tiny")
     with cfg.unlocked():
@@ -311,7 +299,7 @@ def test_calochallenge_file_and_nan_file_are_refused(tmp_path):
         CaloExperiment(_cfg(**{"data.path": str(path)}), progress=False).load_data()
     showers = calo.simulate(40, seed=1)
     showers.cells[3, 0, 0] = np.nan
-    bad = calo.save(str(tmp_path / "nan.h5"), showers)
+    bad = calo.save(showers, str(tmp_path / "nan.h5"))
     with pytest.raises(ConfigError, match="nan.h5.*NaN"):
         CaloExperiment(_cfg(**{"data.path": bad}), progress=False).load_data()
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fpcd.data import eic
+from fpcd.data import common, eic, kinematics
 from fpcd.data import eic_transforms as transforms
 from fpcd.metrics import eic as eic_metrics
 
@@ -63,7 +63,7 @@ def test_conservation_holds_on_complete_events(events):
     # z = 2 E / sqrt(s) is rebuilt from (pT, eta) and the class mass to float32 precision.
     p = events.particles
     mass = eic.SPECIES_MASS[np.maximum(eic.species_index(p[..., 3]), 0)]
-    z = 2 * eic.energies(p[..., 0], p[..., 1], mass) / eic.sqrt_s()
+    z = 2 * kinematics.energies(p[..., 0], p[..., 1], mass) / eic.sqrt_s()
     np.testing.assert_allclose(z[events.mask], p[..., 4][events.mask], rtol=2e-6, atol=1e-7)
 
 
@@ -73,7 +73,7 @@ def test_kinematics_match_the_lab_frame_formulas(events):
     (the note's electron-method formulas; massless electron, so 1e-5 relative)."""
     pt, eta = events.electron[:, 0].astype(np.float64), events.electron[:, 1].astype(np.float64)
     e_cm, pz_cm = pt * np.cosh(eta), pt * np.sinh(eta)
-    e_lab, pz_lab = eic.boost_z(e_cm, pz_cm, -eic.cm_boost_beta())
+    e_lab, pz_lab = kinematics.boost_z(e_cm, pz_cm, -eic.cm_boost_beta())
     cos_theta = pz_lab / e_lab
     q2 = 2 * eic.ELECTRON_ENERGY * e_lab * (1 + cos_theta)
     y = 1 - e_lab / eic.ELECTRON_ENERGY * (1 - cos_theta) / 2
@@ -270,3 +270,18 @@ def test_dis_variables_are_an_exact_bijection_of_the_electron(events):
     back_pt, back_eta = transforms.electron_from_dis(q2, y)
     np.testing.assert_allclose(back_pt, pt, rtol=1e-10)
     np.testing.assert_allclose(back_eta, eta, rtol=0, atol=1e-10)
+
+
+def _no_workers(*args, **kwargs):
+    raise AssertionError("the generator started its workers: the arguments were not checked first")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: eic.generate(3, q2_min=np.inf, workers=1, progress=False), "q2_min"),
+    (lambda: eic.generate(2.5, workers=1, progress=False), "num_events"),
+    (lambda: eic.generate(3, chunk_size=-1, workers=1, progress=False), "chunk_size"),
+], ids=["eic q2_min", "eic num_events", "eic chunk_size"])
+def test_generator_refuses_bad_numeric_arguments_before_starting(monkeypatch, call, name):
+    monkeypatch.setattr(common, "map_chunks", _no_workers)
+    with pytest.raises(ValueError, match=name):
+        call()

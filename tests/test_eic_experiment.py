@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_main
 from fpcd.config import ConfigError
-from fpcd.data import eic
+from fpcd.data import eic, kinematics
 from fpcd.experiments.eic import EicExperiment
 from fpcd.metrics import eic as eic_metrics
 from fpcd.parallel import data_mesh
@@ -77,7 +77,7 @@ def test_generated_events_are_physical(tiny_run):
     events = eic.load(str(workdir / "samples.h5"))
     p, real = events.particles, events.mask
     mass = eic.SPECIES_MASS[np.maximum(eic.species_index(p[..., 3]), 0)]
-    z = 2 * eic.energies(p[..., 0], p[..., 1], mass) / eic.sqrt_s()
+    z = 2 * kinematics.energies(p[..., 0], p[..., 1], mass) / eic.sqrt_s()
     np.testing.assert_allclose(p[..., 4][real], z[real], rtol=1e-5)
     assert np.all(np.diff(np.where(real[:, 1:], p[:, 1:, 0], -1.0), axis=1)[real[:, 2:]] <= 0)
     assert np.all(events.multiplicity >= 1)

@@ -7,14 +7,12 @@ the exact Gaussian-mixture score of ``conftest`` keep the file fast.
 import re
 
 import equinox as eqx
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import CountingScore
-from fpcd.data import calo, eic, jetnet
 from fpcd.likelihood import log_likelihood
 from fpcd.metrics import jets as jet_metrics
 from fpcd.ode import NonFiniteStateError
@@ -117,179 +115,6 @@ def test_ode_sampler_stops_when_the_step_size_collapses(sde):
     assert int(re.search(r"; (\d+) steps", str(info.value)).group(1)) < 50, str(info.value)
 
 
-# --- 2. loaders and generators refuse physically invalid data -------------------------------------
-
-
-def write(path, **datasets):
-    with h5py.File(path, "w") as f:
-        for name, value in datasets.items():
-            f[name] = value
-    return str(path)
-
-
-def showers(n=4, c=6):
-    cells = np.zeros((n, c, 5), np.float32)
-    counts = np.array([3, 1, 6, 2])[:n]
-    for i, k in enumerate(counts):
-        cells[i, :k] = [0.5, 50.0, -50.0, 3900.0, 1.0]
-    cluster = np.stack([np.full(n, 10.0), np.full(n, 17.0), cells[..., 0].sum(1), counts], 1).astype(np.float32)
-    return cells, cluster
-
-
-CALO_CASES = [
-    ("momentum_zero", r"dataset 'cluster': the generated momentum P_gen \(column 0\) is not positive in 1 row\(s\) "
-                      r"\(first: row 2, value 0\)"),
-    ("momentum_negative", r"P_gen \(column 0\) is not positive in 1 row\(s\) \(first: row 1, value -3\)"),
-    ("n_cells", r"dataset 'cluster': N_cells \(column 3\) differs .* \(first: row 3, N_cells 5 but 2 real cells\)"),
-    ("dropped_length", r"dataset 'dropped_energy' has 3 rows but hcal_cells has 4"),
-    ("dropped_negative", r"dataset 'dropped_energy': negative energy in 1 row\(s\) \(first: row 0"),
-]
-
-
-@pytest.mark.parametrize("case, message", CALO_CASES, ids=[case for case, _ in CALO_CASES])
-def test_calo_loader_refuses_invalid_point_clouds(tmp_path, case, message):
-    cells, cluster = showers()
-    extra = {}
-    if case == "momentum_zero":
-        cluster[2, 0] = 0.0
-    elif case == "momentum_negative":
-        cluster[1, 0] = -3.0
-    elif case == "n_cells":
-        cluster[3, 3] = 5
-    elif case == "dropped_length":
-        extra["dropped_energy"] = np.zeros(3, np.float32)
-    elif case == "dropped_negative":
-        extra["dropped_energy"] = np.array([-1.0, 0, 0, 0], np.float32)
-    path = write(tmp_path / "bad.h5", hcal_cells=cells, cluster=cluster, **extra)
-    with pytest.raises(calo.CaloDataError, match=message) as info:
-        calo.load(path)
-    assert str(info.value).startswith(path)
-
-
-def test_calo_loader_still_reads_a_valid_point_cloud(tmp_path):
-    cells, cluster = showers()
-    loaded = calo.load(write(tmp_path / "good.h5", hcal_cells=cells, cluster=cluster))
-    np.testing.assert_array_equal(loaded.cluster, cluster)
-
-
-CALOCHALLENGE_CASES = [
-    ("incident_zero", r"dataset 'incident_energies': the incident energy is not positive .* \(first: row 1, value 0\)"),
-    ("voxel_negative", r"dataset 'showers': negative voxel energies in 1 row\(s\) \(first: row 2\)"),
-]
-
-
-@pytest.mark.parametrize("case, message", CALOCHALLENGE_CASES, ids=[case for case, _ in CALOCHALLENGE_CASES])
-def test_calo_loader_refuses_invalid_calochallenge_files(tmp_path, case, message):
-    energies, voxels = np.full((3, 1), 1e4), np.ones((3, 12))
-    if case == "incident_zero":
-        energies[1] = 0.0
-    else:
-        voxels[2, 5] = -1.0
-    path = write(tmp_path / "cc.h5", incident_energies=energies, showers=voxels)
-    with pytest.raises(calo.CaloDataError, match=message) as info:
-        calo.load(path)
-    assert path in str(info.value)
-
-
-def jets_file(path, particles, features=None):
-    if features is None:
-        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (len(particles), 1))
-    with h5py.File(path, "w") as f:
-        f["particle_features"] = particles
-        f["jet_features"] = features
-        f.attrs["jet_type"] = "g"
-    return str(path)
-
-
-def _particles():
-    particles = np.zeros((5, 6, 4), np.float32)
-    particles[:, :3] = [0.1, -0.05, 0.4, 1.0]
-    return particles
-
-
-JET_CASES = [
-    ("negative_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 in 1 jet\(s\) \(first: jet 3, "
-                        r"particle 1, value -0.2\)"),
-    ("zero_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 .* \(first: jet 0, particle 2, value 0\)"),
-    ("pt_rel_above_one", r"a real particle has pt_rel \(column 2\) > 1 in 1 jet\(s\) \(first: jet 4, particle 0, "
-                         r"value 1.5\)"),
-    ("mask_not_binary", r"the mask \(column 3\) is neither 0 nor 1 .* \(first: jet 1, particle 4, value 0.5\)"),
-    ("empty_jet", r"1 jet\(s\) have no real particle \(mask all 0; first: jet 2\)"),
-    ("all_masks_zero", r"5 jet\(s\) have no real particle \(mask all 0; first: jet 0\)"),
-    ("jet_pt_zero", r"dataset 'jet_features': the jet pT \(column 0\) is not positive .* \(first: jet 1, value 0\)"),
-]
-
-
-@pytest.mark.parametrize("case, message", JET_CASES, ids=[case for case, _ in JET_CASES])
-def test_jets_loader_refuses_physically_invalid_jets(tmp_path, case, message):
-    particles, features = _particles(), None
-    if case == "negative_pt_rel":
-        particles[3, 1, 2] = -0.2
-    elif case == "zero_pt_rel":
-        particles[0, 2, 2] = 0.0
-    elif case == "pt_rel_above_one":
-        particles[4, 0, 2] = 1.5
-    elif case == "mask_not_binary":
-        particles[1, 4, 3] = 0.5
-    elif case == "empty_jet":
-        particles[2] = 0.0
-    elif case == "all_masks_zero":
-        particles[..., 3] = 0.0
-    elif case == "jet_pt_zero":
-        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (5, 1))
-        features[1, 0] = 0.0
-    path = jets_file(tmp_path / "g.hdf5", particles, features)
-    with pytest.raises(jetnet.JetDataError, match=message) as info:
-        jetnet.load(path)
-    assert str(info.value).startswith(path)
-
-
-def test_jets_loader_keeps_valid_jets_and_rounding(tmp_path):
-    particles = _particles()
-    particles[0, 0, 2] = 1.0000005  # float32 rounding of a constituent carrying the whole jet
-    jets = jetnet.load(jets_file(tmp_path / "g.hdf5", particles))
-    assert len(jets) == 5 and jets.mask.sum() == 15
-
-
-def test_simulate_refuses_an_infinite_momentum_range():
-    # (nan, 10), (10, 1) and (0, 10) were refused before; (1, inf) gave showers of infinite momentum.
-    with pytest.raises(ValueError, match=r"momentum_range=\(1.0, inf\): need finite"):
-        calo.simulate(4, momentum_range=(1.0, np.inf))
-
-
-@pytest.mark.parametrize("num_showers, kwargs, name", [
-    (4, {"phi": np.inf}, "phi"),
-    (4.5, {}, "num_showers"),
-    (4, {"max_cells": 2.5}, "max_cells"),
-])
-def test_simulate_refuses_other_bad_numeric_arguments(num_showers, kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        calo.simulate(num_showers, **kwargs)
-
-
-def _no_workers(*args, **kwargs):
-    raise AssertionError("the generator started its workers: the arguments were not checked first")
-
-
-@pytest.mark.parametrize("call, name", [
-    (lambda: jetnet.generate("g", 3.5, workers=1, progress=False), "num_jets"),
-    (lambda: jetnet.generate("g", 3, num_particles=True, workers=1, progress=False), "num_particles"),
-    (lambda: jetnet.generate("g", 3, chunk_size=0, workers=1, progress=False), "chunk_size"),
-    (lambda: jetnet.GeneratorSettings(pthat_min=1000.0, pthat_max=900.0), "pthat_min"),
-    (lambda: jetnet.GeneratorSettings(jet_radius=0.0), "jet_radius"),
-    (lambda: jetnet.GeneratorSettings(jet_pt_max=np.inf), "jet_pt_max"),
-    (lambda: eic.generate(3, q2_min=np.inf, workers=1, progress=False), "q2_min"),
-    (lambda: eic.generate(2.5, workers=1, progress=False), "num_events"),
-    (lambda: eic.generate(3, chunk_size=-1, workers=1, progress=False), "chunk_size"),
-], ids=["jetnet num_jets", "jetnet num_particles", "jetnet chunk_size", "jetnet pthat", "jetnet jet_radius",
-        "jetnet jet_pt_max", "eic q2_min", "eic num_events", "eic chunk_size"])
-def test_generators_refuse_bad_numeric_arguments_before_starting(monkeypatch, call, name):
-    monkeypatch.setattr(jetnet, "map_chunks", _no_workers)
-    monkeypatch.setattr(eic, "map_chunks", _no_workers)
-    with pytest.raises(ValueError, match=name):
-        call()
-
-
 # --- 3. library edges -------------------------------------------------------------------------------
 
 
@@ -335,18 +160,6 @@ def test_likelihood_refuses_input_without_batch_or_empty(exact_score, sde, shape
 
 def re_shape(shape):
     return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
-
-
-@pytest.mark.parametrize("cells", [np.zeros((3, 5)), np.zeros((2, 3, 4)), np.zeros((2, 3, 5, 1))],
-                         ids=["2-d", "4 features", "4-d"])
-def test_to_voxels_names_the_expected_shape(cells):
-    with pytest.raises(ValueError, match=rf"cells must have shape \(N, C, 5\).*got shape {re_shape(cells.shape)}"):
-        calo.to_voxels(cells)
-
-
-def test_from_voxels_names_the_expected_shape():
-    with pytest.raises(ValueError, match=r"images must have shape \(N, 11, 11, 11\).*got shape \(2, 11, 11\)"):
-        calo.from_voxels(np.zeros((2, 11, 11)))
 
 
 JETS = np.concatenate([np.random.default_rng(0).normal(0, 0.1, (6, 5, 2)), np.full((6, 5, 1), 0.2),

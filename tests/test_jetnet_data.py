@@ -1,20 +1,18 @@
 """The Pythia 8 + FastJet jet generator (physics, determinism, silence), files, loader, transforms."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from fpcd.data import jet_transforms
+from fpcd.data import common, jet_transforms, jetnet
 from fpcd.data.jetnet import (
     JET_TYPES, GeneratorSettings, JetDataError, JetSet, cached_generate, generate, load, save,
 )
-from fpcd.data.workers import WorkerError, map_chunks
+from fpcd.data.workers import WorkerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_JETS = 300
@@ -110,8 +108,9 @@ np.savez("jets.npz", particles=js.particle_features, features=js.jet_features)
 
 
 def test_plain_script_without_main_guard_runs_once_with_workers(tmp_path):
-    """Issue 10: after jax was imported, workers=2 used multiprocessing's spawn, which re-ran the
-    calling script in every worker (BrokenProcessPool without `if __name__ == "__main__":`)."""
+    """A plain script (no `if __name__ == "__main__":`) that imports jax and generates with
+    workers=2 runs once: the workers are fresh interpreters that never re-run the caller's script
+    (multiprocessing's spawn would, and fail with BrokenProcessPool)."""
     (tmp_path / "analysis.py").write_text(PLAIN_SCRIPT)
     proc = subprocess.run([sys.executable, "analysis.py"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
@@ -124,124 +123,11 @@ def test_plain_script_without_main_guard_runs_once_with_workers(tmp_path):
     np.testing.assert_array_equal(saved["features"], one.jet_features)
 
 
-# --- worker processes (fpcd.data.workers) ----------------------------------------------------
-
-TASKS = """
-import os
-import time
-
-
-def square(x):
-    time.sleep(0.05 * (x % 3 == 0))  # finish out of order
-    return x * x, os.getpid()
-
-
-def fail_on_two(args):
-    directory, x = args
-    open(os.path.join(directory, f"{os.getpid()}.pid"), "w").close()
-    if x == 2:
-        raise ValueError(f"bad chunk value {x}")
-    time.sleep(0.2)
-    return x
-
-
-def die(x):
-    os._exit(3)
-
-
-def record_and_sleep(args):
-    directory, x = args
-    open(os.path.join(directory, f"{os.getpid()}.pid"), "w").close()
-    time.sleep(120)
-"""
-
-
-@pytest.fixture
-def task_module(tmp_path, monkeypatch):
-    """``fpcd_test_tasks`` in tmp_path, importable by the workers through the parent's sys.path."""
-    (tmp_path / "fpcd_test_tasks.py").write_text(TASKS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_generator_error_in_a_worker_names_the_chunk_and_the_message():
     bad = GeneratorSettings(extra=("Bogus:setting = 1",))
     with pytest.raises(WorkerError, match=r"task \d of fpcd.data.jetnet:_generate_chunk failed in worker process "
                                           r"\d+: ValueError: Pythia rejected the setting 'Bogus:setting = 1'"):
         generate("q", 4, chunk_size=2, workers=2, settings=bad, progress=False)
-
-
-def test_map_chunks_returns_results_in_task_order_from_fresh_processes(task_module):
-    done = []
-    results = map_chunks("fpcd_test_tasks:square", list(range(7)), workers=3, on_done=done.append)
-    assert [r[0] for r in results] == [x * x for x in range(7)]
-    assert sorted(done) == list(range(7))
-    pids = {r[1] for r in results}
-    assert len(pids) == 3 and os.getpid() not in pids
-
-
-def test_a_worker_error_names_the_task_and_the_message_and_no_worker_survives(task_module):
-    with pytest.raises(WorkerError, match=r"task 2 of fpcd_test_tasks:fail_on_two failed") as info:
-        map_chunks("fpcd_test_tasks:fail_on_two", [(str(task_module), x) for x in range(4)], workers=2)
-    assert "ValueError: bad chunk value 2" in str(info.value)
-    assert 'raise ValueError(f"bad chunk value {x}")' in str(info.value)  # the worker's traceback
-    pids = [int(p.stem) for p in task_module.glob("*.pid")]
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
-
-
-def test_a_dying_worker_raises_instead_of_hanging(task_module):
-    with pytest.raises(WorkerError, match=r"task \d of fpcd_test_tasks:die: worker process \d+ died \(exit code 3\)"):
-        map_chunks("fpcd_test_tasks:die", [0, 1], workers=2)
-    with pytest.raises(WorkerError, match="ModuleNotFoundError: No module named 'no_such_module'"):
-        map_chunks("no_such_module:f", [0, 1], workers=2)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
-def test_workers_end_with_their_parent(task_module, sig):
-    parent = (
-        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from fpcd.data.workers import map_chunks\n"
-        f"map_chunks('fpcd_test_tasks:record_and_sleep', [({str(task_module)!r}, 0), ({str(task_module)!r}, 1)], "
-        "workers=2)\n"
-    )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, str(task_module)]))
-    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, cwd=task_module, stderr=subprocess.PIPE)
-    pids = []
-    try:
-        assert _wait_until(lambda: len(list(task_module.glob("*.pid"))) == 2), proc.stderr.read()
-        pids = [int(p.stem) for p in task_module.glob("*.pid")]
-        proc.send_signal(sig)
-        assert proc.wait(timeout=30) != 0
-        assert _wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=10), pids
-    finally:
-        proc.kill()
-        proc.wait()
-        for pid in filter(_alive, pids):  # only after a failure: do not leave sleepers behind
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_generation_is_silent(capfd):
@@ -370,3 +256,85 @@ def test_compare_plot_is_written(tmp_path, jets):
 
     path = compare(jets["t"], {"w": jets["w"], "z": jets["z"]}, str(tmp_path / "cmp.png"))
     assert os.path.getsize(path) > 10_000
+
+
+# --- physically invalid files ---------------------------------------------------------------
+
+
+def jets_file(path, particles, features=None):
+    if features is None:
+        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (len(particles), 1))
+    with h5py.File(path, "w") as f:
+        f["particle_features"] = particles
+        f["jet_features"] = features
+        f.attrs["jet_type"] = "g"
+    return str(path)
+
+
+def _particles():
+    particles = np.zeros((5, 6, 4), np.float32)
+    particles[:, :3] = [0.1, -0.05, 0.4, 1.0]
+    return particles
+
+
+JET_CASES = [
+    ("negative_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 in 1 jet\(s\) \(first: jet 3, "
+                        r"particle 1, value -0.2\)"),
+    ("zero_pt_rel", r"a real particle \(mask 1\) has pt_rel \(column 2\) <= 0 .* \(first: jet 0, particle 2, value 0\)"),
+    ("pt_rel_above_one", r"a real particle has pt_rel \(column 2\) > 1 in 1 jet\(s\) \(first: jet 4, particle 0, "
+                         r"value 1.5\)"),
+    ("mask_not_binary", r"the mask \(column 3\) is neither 0 nor 1 .* \(first: jet 1, particle 4, value 0.5\)"),
+    ("empty_jet", r"1 jet\(s\) have no real particle \(mask all 0; first: jet 2\)"),
+    ("all_masks_zero", r"5 jet\(s\) have no real particle \(mask all 0; first: jet 0\)"),
+    ("jet_pt_zero", r"dataset 'jet_features': the jet pT \(column 0\) is not positive .* \(first: jet 1, value 0\)"),
+]
+
+
+@pytest.mark.parametrize("case, message", JET_CASES, ids=[case for case, _ in JET_CASES])
+def test_jets_loader_refuses_physically_invalid_jets(tmp_path, case, message):
+    particles, features = _particles(), None
+    if case == "negative_pt_rel":
+        particles[3, 1, 2] = -0.2
+    elif case == "zero_pt_rel":
+        particles[0, 2, 2] = 0.0
+    elif case == "pt_rel_above_one":
+        particles[4, 0, 2] = 1.5
+    elif case == "mask_not_binary":
+        particles[1, 4, 3] = 0.5
+    elif case == "empty_jet":
+        particles[2] = 0.0
+    elif case == "all_masks_zero":
+        particles[..., 3] = 0.0
+    elif case == "jet_pt_zero":
+        features = np.tile(np.array([1000.0, 0.3, 80.0, 3.0], np.float32), (5, 1))
+        features[1, 0] = 0.0
+    path = jets_file(tmp_path / "g.hdf5", particles, features)
+    with pytest.raises(jetnet.JetDataError, match=message) as info:
+        jetnet.load(path)
+    assert str(info.value).startswith(path)
+
+
+def test_jets_loader_keeps_valid_jets_and_rounding(tmp_path):
+    particles = _particles()
+    particles[0, 0, 2] = 1.0000005  # float32 rounding of a constituent carrying the whole jet
+    jets = jetnet.load(jets_file(tmp_path / "g.hdf5", particles))
+    assert len(jets) == 5 and jets.mask.sum() == 15
+
+
+def _no_workers(*args, **kwargs):
+    raise AssertionError("the generator started its workers: the arguments were not checked first")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: jetnet.generate("g", 3.5, workers=1, progress=False), "num_jets"),
+    (lambda: jetnet.generate("g", 3, num_particles=True, workers=1, progress=False), "num_particles"),
+    (lambda: jetnet.generate("g", 3, chunk_size=0, workers=1, progress=False), "chunk_size"),
+    (lambda: jetnet.GeneratorSettings(pthat_min=1000.0, pthat_max=900.0), "pthat_min"),
+    (lambda: jetnet.GeneratorSettings(jet_radius=0.0), "jet_radius"),
+    (lambda: jetnet.GeneratorSettings(jet_pt_max=np.inf), "jet_pt_max"),
+], ids=["jetnet num_jets", "jetnet num_particles", "jetnet chunk_size", "jetnet pthat", "jetnet jet_radius",
+        "jetnet jet_pt_max"])
+def test_generator_refuses_bad_numeric_arguments_before_starting(monkeypatch, call, name):
+    monkeypatch.setattr(common, "map_chunks", _no_workers)
+    with pytest.raises(ValueError, match=name):
+        call()

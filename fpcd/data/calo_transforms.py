@@ -6,18 +6,18 @@
   the cell's index offsets from the cell the particle's straight line crosses at that layer
   (:func:`track_cells`), each with a uniform dequantisation; :func:`cells_from_features` digitises
   generated points back to cells (rounding recovers the cell of a dequantised truth point).
-* N_cells buckets: :func:`bucket_lengths`, :func:`training_buckets` and :func:`bucketed_batch`
-  group showers of similar size so that padding costs little.
 * Voxel images: :func:`image_to_log_fractions` / :func:`log_fractions_to_image`.
 
-Standardisation is :class:`fpcd.data.standardisation.Standardisation`, as for jets.
+Standardisation is :class:`fpcd.data.standardisation.Standardisation`, as for jets; the N_cells
+buckets of training are :mod:`fpcd.data.buckets`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fpcd.data.calo import EPIC_FORWARD_HCAL, ShowerSet, cell_indices, pack_cells
+from fpcd.data.calo import ShowerSet, cell_indices
+from fpcd.data.calo_physics import EPIC_FORWARD_HCAL, pack_cells
 
 
 def cluster_targets(showers: ShowerSet) -> np.ndarray:
@@ -151,37 +151,3 @@ def log_fractions_to_image(logs, total_energy) -> np.ndarray:
 def cells_to_cluster(cells, momentum, theta) -> np.ndarray:
     mask = cells[..., 4] > 0.5
     return np.stack([momentum, theta, cells[..., 0].sum(axis=1), mask.sum(axis=1)], axis=1).astype(np.float32)
-
-
-def bucket_lengths(buckets, max_cells: int) -> tuple[int, ...]:
-    """Padded lengths of the N_cells buckets: the ``buckets`` below ``max_cells``, then ``max_cells``."""
-    return tuple(sorted({int(b) for b in buckets if b < max_cells})) + (int(max_cells),)
-
-
-def training_buckets(num_cells, lengths, batch_size):
-    """Merge buckets holding fewer than ``batch_size`` showers into the next larger one.
-
-    Returns ``(lengths, bucket index per shower)``."""
-    num_cells = np.asarray(num_cells)
-    lengths = list(lengths)
-    while True:
-        index = np.searchsorted(lengths, num_cells)
-        counts = np.bincount(index, minlength=len(lengths))
-        small = [i for i in range(len(lengths) - 1) if counts[i] < batch_size]
-        if not small:
-            return tuple(lengths), index
-        del lengths[small[0]]
-
-
-def bucketed_batch(seed: int, step: int, buckets, batch_size: int):
-    """``(bucket, indices)`` of the training batch at ``step``: each epoch shuffles every bucket,
-    cuts it into full batches and shuffles the batch order, all seeded by ``(seed, epoch)``."""
-    members = [np.nonzero(buckets == b)[0] for b in range(int(buckets.max()) + 1)]
-    per_epoch = sum(len(m) // batch_size for m in members)
-    epoch, position = divmod(int(step), per_epoch)
-    rng = np.random.default_rng([int(seed), epoch])
-    batches = []
-    for b, m in enumerate(members):
-        order = rng.permutation(m)
-        batches += [(b, order[i * batch_size:(i + 1) * batch_size]) for i in range(len(m) // batch_size)]
-    return batches[rng.permutation(len(batches))[position]]

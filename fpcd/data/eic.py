@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
-import os
 import time
 import warnings
 from typing import Sequence
 
-import h5py
 import numpy as np
 
+from fpcd.data import common
+from fpcd.data.common import GeneratorSettingsBase, check_integer, chunk_sizes, generate_in_chunks, save_hdf5
+from fpcd.data.kinematics import boost_z
 from fpcd.errors import DataError
-from fpcd.data.jetnet import default_cache_dir
-from fpcd.data.workers import map_chunks
 from fpcd.io import open_hdf5, silenced_stdout
 
 ELECTRON_ENERGY = 10.0  # GeV, along -z in the lab
@@ -42,8 +39,6 @@ PROTON_ENERGY = 275.0  # GeV, along +z in the lab
 ELECTRON_MASS = 0.00051099895
 PROTON_MASS = 0.93827208816
 MAX_PARTICLES = 50  # e' included (row 0)
-RAW_FEATURES = ("pt", "eta", "phi", "pdg", "z")
-KINEMATICS = ("q2", "x", "y", "w")
 
 #: The 9 species classes of the public one-hot, in its order, with the |PDG ids| of each.
 SPECIES = ("p", "n", "K", "pi", "nu", "mu", "e", "gamma", "K0L")
@@ -79,12 +74,6 @@ def cm_boost_beta() -> float:
     """Velocity of the centre-of-mass frame in the lab (along +z)."""
     k, p = beams()
     return float((k[3] + p[3]) / (k[0] + p[0]))
-
-
-def boost_z(e, pz, beta):
-    """``(E', pz')`` of four-vectors seen from a frame moving with ``beta`` along +z."""
-    gamma = 1.0 / np.sqrt(1.0 - beta**2)
-    return gamma * (e - beta * pz), gamma * (pz - beta * e)
 
 
 def species_index(pdg) -> np.ndarray:
@@ -142,11 +131,6 @@ def dis_kinematics(electron_cm) -> np.ndarray:
     return np.stack([q2, x, y, np.sqrt(np.maximum(w2, 0.0))], axis=1)
 
 
-def energies(pt, eta, mass):
-    """Energies [GeV] of particles of transverse momentum ``pt``, pseudorapidity ``eta`` and ``mass``."""
-    return np.sqrt(np.asarray(mass, np.float64) ** 2 + (np.asarray(pt, np.float64) * np.cosh(eta)) ** 2)
-
-
 @dataclasses.dataclass(frozen=True)
 class EventSet:
     """DIS events in the public raw layout (float32).
@@ -194,7 +178,7 @@ class EventSet:
 
 
 @dataclasses.dataclass(frozen=True)
-class GeneratorSettings:
+class GeneratorSettings(GeneratorSettingsBase):
     """Every physics choice of :func:`generate` (part of the cache key).
 
     Neutral current only: the layout needs the scattered electron in row 0, which a charged-current
@@ -207,10 +191,6 @@ class GeneratorSettings:
 
     q2_min: float = 25.0
     extra: tuple[str, ...] = ()
-
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def pythia_settings(seed: int, settings: GeneratorSettings) -> list[str]:
@@ -234,10 +214,12 @@ def pythia_settings(seed: int, settings: GeneratorSettings) -> list[str]:
     ]
 
 
+SEED_STREAM = 7_177  # the stream of :func:`fpcd.data.common.chunk_seed`, apart from the jet types' 0..4
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
-    """Pythia seed (1..900,000,000) of chunk ``chunk``: a function of ``(seed, chunk)`` only."""
-    state = np.random.SeedSequence([int(seed), 7_177, int(chunk)]).generate_state(1)[0]
-    return int(state % 900_000_000) + 1
+    """Pythia seed of chunk ``chunk``: a function of ``(seed, chunk)`` only."""
+    return common.chunk_seed(seed, SEED_STREAM, chunk)
 
 
 def _bottom_copy(index: int, ids, d1, d2) -> int:
@@ -361,26 +343,18 @@ def generate(
     if isinstance(q2, (bool, np.bool_)) or not isinstance(q2, (int, float, np.integer, np.floating)) \
             or not (np.isfinite(q2) and q2 > 0):
         raise ValueError(f"q2_min must be a positive finite number (GeV^2), got {q2!r}")
-    for name, value in (("num_events", num_events), ("chunk_size", chunk_size), ("seed", seed)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if num_events < 1 or chunk_size < 1:
-        raise ValueError(f"num_events and chunk_size must be positive, got num_events={num_events}, "
-                         f"chunk_size={chunk_size}")
+    num_events, chunk_size = check_integer("num_events", num_events), check_integer("chunk_size", chunk_size)
+    seed = check_integer("seed", seed, None)
     settings = settings or GeneratorSettings(q2_min=float(q2_min))
-    from tqdm.auto import tqdm
-
-    sizes = [min(chunk_size, num_events - start) for start in range(0, num_events, chunk_size)]
+    sizes = chunk_sizes(num_events, chunk_size)
     tasks = [(size, seed, chunk, settings) for chunk, size in enumerate(sizes)]
-    with tqdm(total=num_events, desc="generate DIS events", unit="event", disable=not progress,
-              dynamic_ncols=True) as bar:
-        results = map_chunks("fpcd.data.eic:_generate_chunk", tasks, workers=workers or os.cpu_count() or 1,
-                             on_done=lambda chunk: bar.update(sizes[chunk]))
+    results = generate_in_chunks("fpcd.data.eic:_generate_chunk", tasks, sizes, workers=workers,
+                                 description="generate DIS events", unit="event", progress=progress)
     unknown = sorted({i for r in results for i in r[2]})
     if unknown:
         raise EicDataError(f"generated particles with PDG ids {unknown} outside the 9 species classes {SPECIES}")
     dropped = sum(r[3] for r in results)
-    if dropped:  # none measured in 100,000 neutral-current events; say so rather than bias the sample silently
+    if dropped:  # rare (none in 100,000 neutral-current events): say so rather than bias the sample silently
         warnings.warn(f"fpcd.data.eic.generate: {dropped} Pythia events without a final-state scattered electron "
                       f"were skipped (kept {num_events})", RuntimeWarning, stacklevel=2)
     return EventSet(np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
@@ -391,20 +365,11 @@ def generate(
 
 def save(events: EventSet, path: str, *, settings: GeneratorSettings | None = None, seed: int | None = None) -> str:
     """Write ``events`` atomically (hdf5 datasets ``particles`` and ``kinematics``, provenance attributes)."""
-    from fpcd.io import atomic_write
-
-    def write(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("particles", data=events.particles, compression="gzip")
-            f.create_dataset("kinematics", data=events.kinematics, compression="gzip")
-            f.attrs["generator"] = "fpcd pythia8mc e p DIS"
-            f.attrs["beams"] = f"e- {ELECTRON_ENERGY} GeV on p {PROTON_ENERGY} GeV, e p CM frame, p along +z"
-            if settings is not None:
-                f.attrs["settings"] = json.dumps(dataclasses.asdict(settings))
-            if seed is not None:
-                f.attrs["seed"] = seed
-
-    return atomic_write(path, write)
+    return save_hdf5(path, {"particles": events.particles, "kinematics": events.kinematics},
+                     {"generator": "fpcd pythia8mc e p DIS",
+                      "beams": f"e- {ELECTRON_ENERGY} GeV on p {PROTON_ENERGY} GeV, e p CM frame, p along +z",
+                      "settings": None if settings is None else settings.to_json(), "seed": seed},
+                     compressed=("particles", "kinematics"))
 
 
 def check_events(particles: np.ndarray, path: str = "events") -> None:
@@ -477,15 +442,13 @@ def cached_generate(
     workers: int | None = None,
     progress: bool = True,
 ) -> EventSet:
-    """:func:`generate` once, then reuse ``<cache_dir>/eic/dis_n<N>_seed<s>_<settings>.h5`` (written atomically)."""
+    """:func:`generate` once, then reuse ``<cache_dir>/eic/dis_n<N>_seed<s>_<settings>.h5`` (written atomically;
+    :func:`fpcd.data.common.cached_generate`)."""
     settings = GeneratorSettings(q2_min=float(q2_min))
-    directory = os.path.join(cache_dir or default_cache_dir(), "eic")
-    path = os.path.join(directory, f"dis_n{num_events}_seed{seed}_{settings.key()}.h5")
-    if os.path.exists(path):
-        return load(path)
-    events = generate(num_events, seed=seed, workers=workers, settings=settings, progress=progress)
-    save(events, path, settings=settings, seed=seed)
-    return events
+    path = common.cache_path("eic", f"dis_n{num_events}_seed{seed}", settings, cache_dir)
+    return common.cached_generate(
+        path, lambda: generate(num_events, seed=seed, workers=workers, settings=settings, progress=progress),
+        lambda events, p: save(events, p, settings=settings, seed=seed), load)
 
 
 def summary(events: EventSet) -> dict:

@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 
 from fpcd.data import eic
-from fpcd.data.jetnet import wrap_phi
+from fpcd.data.kinematics import boost_z, energies, wrap_phi
 from fpcd.data.standardisation import Standardisation
 
 NUM_SPECIES = len(eic.SPECIES)
@@ -102,8 +102,8 @@ def events_from_features(event, particles, mask, phi_e) -> eic.EventSet:
     root_s = eic.sqrt_s()
     rows = np.zeros((n, num + 1, 5), np.float64)
     rows[:, 0] = np.stack([pt_e, eta_e, phi_e, np.full(n, 11.0),
-                           2.0 * eic.energies(pt_e, eta_e, eic.ELECTRON_MASS) / root_s], axis=1)
-    z = 2.0 * eic.energies(pt, eta, eic.SPECIES_MASS[cls]) / root_s
+                           2.0 * energies(pt_e, eta_e, eic.ELECTRON_MASS) / root_s], axis=1)
+    z = 2.0 * energies(pt, eta, eic.SPECIES_MASS[cls]) / root_s
     rest = np.stack([pt, eta, phi, eic.pdg_from_species(cls, charge), z], axis=-1) * real[..., None]
     order = np.argsort(np.where(real, -pt, np.inf), axis=1, kind="stable")
     rows[:, 1:] = np.take_along_axis(rest, order[..., None], axis=1)
@@ -133,7 +133,7 @@ def dis_from_electron(pt, eta) -> tuple[np.ndarray, np.ndarray]:
     """``(Q^2, y)`` of a massless scattered electron of CM-frame ``pt`` and ``eta`` (the lab formulas
     Q^2 = 2 E E' (1 + cos theta), y = 1 - E' (1 - cos theta) / (2 E), theta from the proton direction)."""
     pt, eta = np.asarray(pt, np.float64), np.asarray(eta, np.float64)
-    e_lab, pz_lab = eic.boost_z(pt * np.cosh(eta), pt * np.sinh(eta), -eic.cm_boost_beta())
+    e_lab, pz_lab = boost_z(pt * np.cosh(eta), pt * np.sinh(eta), -eic.cm_boost_beta())
     beam = eic.ELECTRON_ENERGY
     return 2.0 * beam * (e_lab + pz_lab), 1.0 - (e_lab - pz_lab) / (2.0 * beam)
 
@@ -143,7 +143,7 @@ def electron_from_dis(q2, y) -> tuple[np.ndarray, np.ndarray]:
     q2, y = np.asarray(q2, np.float64), np.asarray(y, np.float64)
     beam = eic.ELECTRON_ENERGY
     plus, minus = q2 / (2.0 * beam), 2.0 * beam * (1.0 - y)  # E' + pz', E' - pz' in the lab
-    e_cm, pz_cm = eic.boost_z(0.5 * (plus + minus), 0.5 * (plus - minus), eic.cm_boost_beta())
+    e_cm, pz_cm = boost_z(0.5 * (plus + minus), 0.5 * (plus - minus), eic.cm_boost_beta())
     pt = np.sqrt(np.maximum(plus * minus, 0.0))
     return pt, np.arcsinh(pz_cm / np.maximum(pt, 1e-12))
 

@@ -17,7 +17,8 @@ import dataclasses
 
 import numpy as np
 
-from fpcd.data.jetnet import JetSet, wrap_phi
+from fpcd.data.jetnet import JetSet
+from fpcd.data.kinematics import wrap_phi
 from fpcd.data.standardisation import Standardisation
 
 PT_REL_FLOOR = 1e-8

@@ -31,21 +31,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Sequence
 
-import h5py
 import numpy as np
 
+from fpcd.data import common
+from fpcd.data.common import GeneratorSettingsBase, check_integer, chunk_sizes, generate_in_chunks, save_hdf5
+from fpcd.data.kinematics import pt_eta_phi_mass, wrap_phi
 from fpcd.errors import DataError
-from fpcd.data.workers import map_chunks
 from fpcd.io import open_hdf5, silenced_stdout
 
 JET_TYPES = ("g", "q", "t", "w", "z")
-PARTICLE_FEATURES = ("eta_rel", "phi_rel", "pt_rel", "mask")
-JET_FEATURES = ("pt", "eta", "mass", "num_particles")
 NEUTRINOS = (12, 14, 16)
 RESONANCE_ID = {"t": 6, "w": 24, "z": 23}
 
@@ -113,7 +110,7 @@ class JetSet:
 
 
 @dataclasses.dataclass(frozen=True)
-class GeneratorSettings:
+class GeneratorSettings(GeneratorSettingsBase):
     """Every physics choice of :func:`generate` (part of the cache key).
 
     The defaults (underlying event on, as in JetNet, and only particles above 1 GeV clustered)
@@ -159,19 +156,6 @@ class GeneratorSettings:
             if not numbers[name] > 0:
                 raise ValueError(f"GeneratorSettings.{name}={numbers[name]!r}: must be positive")
 
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def _check_integer(name: str, value, minimum: int | None = 1) -> int:
-    """``value`` as an int (Python or NumPy integer, not bool), else ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r}: expected an integer")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value!r}: must be >= {minimum}")
-    return int(value)
-
 
 def pythia_settings(jet_type: str, seed: int, settings: GeneratorSettings) -> list[str]:
     """The Pythia configuration strings for one generator instance."""
@@ -190,24 +174,9 @@ def pythia_settings(jet_type: str, seed: int, settings: GeneratorSettings) -> li
 
 
 def chunk_seed(seed: int, jet_type: str, chunk: int) -> int:
-    """Pythia seed (1..900,000,000) of chunk ``chunk``: a function of ``(seed, jet_type, chunk)`` only."""
-    state = np.random.SeedSequence([int(seed), JET_TYPES.index(jet_type), int(chunk)]).generate_state(1)[0]
-    return int(state % 900_000_000) + 1
-
-
-def wrap_phi(phi):
-    """Wrap angles to (-pi, pi]."""
-    return np.pi - np.mod(np.pi - phi, 2.0 * np.pi)
-
-
-def kinematics(px, py, pz, e):
-    """``(pT, eta, phi, mass)`` of four-vectors (numpy arrays, GeV)."""
-    pt = np.hypot(px, py)
-    p = np.sqrt(pt**2 + pz**2)
-    eta = np.arcsinh(np.divide(pz, pt, out=np.zeros_like(pz), where=pt > 0))
-    phi = np.arctan2(py, px)
-    mass = np.sqrt(np.maximum(e**2 - p**2, 0.0))
-    return pt, eta, phi, mass
+    """Pythia seed of chunk ``chunk``: a function of ``(seed, jet_type, chunk)`` only
+    (:func:`fpcd.data.common.chunk_seed` with the type's index in :data:`JET_TYPES` as stream)."""
+    return common.chunk_seed(seed, JET_TYPES.index(jet_type), chunk)
 
 
 def _select_jets(events, jet_type: str, settings: GeneratorSettings):
@@ -232,7 +201,7 @@ def _select_jets(events, jet_type: str, settings: GeneratorSettings):
         first_daughter = prt[prt.daughter1]
         last_copy = (aid == pdg) & (abs(first_daughter.id) != pdg)
         resonances = prt[last_copy]
-        res = [kinematics(*(np.asarray(x) for x in (r.p.px, r.p.py, r.p.pz, r.p.e))) for r in resonances]
+        res = [pt_eta_phi_mass(*(np.asarray(x) for x in (r.p.px, r.p.py, r.p.pz, r.p.e))) for r in resonances]
     else:
         res = None
 
@@ -241,7 +210,7 @@ def _select_jets(events, jet_type: str, settings: GeneratorSettings):
         jet = jets[i]
         if len(jet) == 0:
             continue
-        pt, eta, phi, mass = kinematics(*(np.asarray(jet[f], np.float64) for f in ("px", "py", "pz", "E")))
+        pt, eta, phi, mass = pt_eta_phi_mass(*(np.asarray(jet[f], np.float64) for f in ("px", "py", "pz", "E")))
         ok = np.abs(eta) < settings.max_abs_eta
         if res is not None:
             _, r_eta, r_phi, _ = res[i]
@@ -256,7 +225,7 @@ def _select_jets(events, jet_type: str, settings: GeneratorSettings):
         if not settings.jet_pt_min < pt[best] < settings.jet_pt_max:
             continue
         c = constituents[i][best]
-        c_pt, c_eta, c_phi, _ = kinematics(*(np.asarray(c[f], np.float64) for f in ("px", "py", "pz", "E")))
+        c_pt, c_eta, c_phi, _ = pt_eta_phi_mass(*(np.asarray(c[f], np.float64) for f in ("px", "py", "pz", "E")))
         selected.append(((pt[best], eta[best], phi[best], mass[best]), (c_pt, c_eta, c_phi)))
     return selected
 
@@ -333,16 +302,12 @@ def generate(
         positive integers or ``seed`` not an integer (named).
     """
     check_jet_type(jet_type)
-    num_jets, num_particles = _check_integer("num_jets", num_jets), _check_integer("num_particles", num_particles)
-    seed, chunk_size = _check_integer("seed", seed, None), _check_integer("chunk_size", chunk_size)
-    from tqdm.auto import tqdm
-
-    sizes = [min(chunk_size, num_jets - start) for start in range(0, num_jets, chunk_size)]
+    num_jets, num_particles = check_integer("num_jets", num_jets), check_integer("num_particles", num_particles)
+    seed, chunk_size = check_integer("seed", seed, None), check_integer("chunk_size", chunk_size)
+    sizes = chunk_sizes(num_jets, chunk_size)
     tasks = [(jet_type, size, num_particles, seed, chunk, settings) for chunk, size in enumerate(sizes)]
-    with tqdm(total=num_jets, desc=f"generate {jet_type} jets", unit="jet", disable=not progress,
-              dynamic_ncols=True) as bar:
-        results = map_chunks("fpcd.data.jetnet:_generate_chunk", tasks, workers=workers or os.cpu_count() or 1,
-                             on_done=lambda chunk: bar.update(sizes[chunk]))
+    results = generate_in_chunks("fpcd.data.jetnet:_generate_chunk", tasks, sizes, workers=workers,
+                                 description=f"generate {jet_type} jets", unit="jet", progress=progress)
     return JetSet(jet_type, np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
 
 
@@ -351,20 +316,10 @@ def generate(
 
 def save(jets: JetSet, path: str, *, settings: GeneratorSettings | None = None, seed: int | None = None) -> str:
     """Write ``jets`` atomically in the JetNet hdf5 layout (plus provenance attributes)."""
-    from fpcd.io import atomic_write
-
-    def write(tmp):
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("particle_features", data=jets.particle_features, compression="gzip")
-            f.create_dataset("jet_features", data=jets.jet_features, compression="gzip")
-            f.attrs["jet_type"] = jets.jet_type
-            f.attrs["generator"] = "fpcd pythia8mc+fastjet"
-            if settings is not None:
-                f.attrs["settings"] = json.dumps(dataclasses.asdict(settings))
-            if seed is not None:
-                f.attrs["seed"] = seed
-
-    return atomic_write(path, write)
+    return save_hdf5(path, {"particle_features": jets.particle_features, "jet_features": jets.jet_features},
+                     {"jet_type": jets.jet_type, "generator": "fpcd pythia8mc+fastjet",
+                      "settings": None if settings is None else settings.to_json(), "seed": seed},
+                     compressed=("particle_features", "jet_features"))
 
 
 def _type_from_filename(path: str) -> str | None:
@@ -467,14 +422,6 @@ def check_jets(particles: np.ndarray, features: np.ndarray, path: str = "jets") 
                                f"{jet}, value {features[jet, column]:g})")
 
 
-def default_cache_dir() -> str:
-    """``$FPCD_CACHE`` or ``$XDG_CACHE_HOME/fpcd`` or ``~/.cache/fpcd``."""
-    if os.environ.get("FPCD_CACHE"):
-        return os.environ["FPCD_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fpcd")
-
-
 def cached_generate(
     jet_type: str,
     num_jets: int,
@@ -486,17 +433,14 @@ def cached_generate(
     settings: GeneratorSettings = GeneratorSettings(),
     progress: bool = True,
 ) -> JetSet:
-    """:func:`generate` once, then reuse the file ``<cache_dir>/jetnet/<type>...h5`` (written atomically)."""
+    """:func:`generate` once, then reuse the file ``<cache_dir>/jetnet/<type>...h5`` (written atomically;
+    :func:`fpcd.data.common.cached_generate`)."""
     check_jet_type(jet_type)
-    directory = os.path.join(cache_dir or default_cache_dir(), "jetnet")
-    name = f"{jet_type}{num_particles}_n{num_jets}_seed{seed}_{settings.key()}.h5"
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-        return load(path, jet_type=jet_type)
-    jets = generate(jet_type, num_jets, num_particles=num_particles, seed=seed, workers=workers, settings=settings,
-                    progress=progress)
-    save(jets, path, settings=settings, seed=seed)
-    return jets
+    path = common.cache_path("jetnet", f"{jet_type}{num_particles}_n{num_jets}_seed{seed}", settings, cache_dir)
+    return common.cached_generate(
+        path, lambda: generate(jet_type, num_jets, num_particles=num_particles, seed=seed, workers=workers,
+                               settings=settings, progress=progress),
+        lambda jets, p: save(jets, p, settings=settings, seed=seed), lambda p: load(p, jet_type=jet_type))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,8 +7,9 @@ Stage 1 (``"cluster"``): a :class:`~fpcd.nets.ResMLP` score model of the shower-
 
 Stage 2, ``representation="cloud"`` (``"cells"``): a :class:`~fpcd.nets.SetTransformer` score
 model of the hit cells given (log10 P, theta, log10 sum E, N_cells); N_cells sets the mask. Cell
-features, digitisation and N_cells buckets are those of :mod:`fpcd.data.calo_transforms`; the
-energies of generated cells are scaled so the cells sum to the stage-1 total.
+features and digitisation are those of :mod:`fpcd.data.calo_transforms`, the N_cells buckets those
+of :mod:`fpcd.data.buckets`; the energies of generated cells are scaled so the cells sum to the
+stage-1 total.
 
 Stage 2, ``representation="image"`` (``"image"``): a :class:`~fpcd.nets.UNet3D` score model of
 the 11x11x11 voxel image (5x5x5 cells per voxel) as ``log10(voxel / sum + 1e-6)``, standardised,
@@ -31,6 +32,7 @@ import numpy as np
 
 from fpcd.config import (ConfigError, require_bool, require_choice, require_classifier, require_float,
                          require_increasing, require_int, require_ints, require_range)
+from fpcd.data import buckets
 from fpcd.data import calo_transforms as transforms
 from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloChallengeSet, CaloDataError, from_voxels, load, simulate, to_voxels
 from fpcd.data.standardisation import Standardisation, feature_bounds
@@ -75,8 +77,8 @@ class CaloData:
                                            dequantisation=self.dequantisation)
             self.cell_stats = Standardisation.fit(raw[self.cells[..., 4] > 0.5])
             self.bounds["cells"] = feature_bounds(self.cell_stats.apply(raw), self.cells[..., 4])
-            self.lengths, self.buckets = transforms.training_buckets(
-                counts[:cut], transforms.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train.batch_size)
+            self.lengths, self.buckets = buckets.training_buckets(
+                counts[:cut], buckets.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train.batch_size)
         else:
             logs = transforms.image_to_log_fractions(to_voxels(self.train.cells, group=GROUP))
             self.image_stats = Standardisation.fit(logs.ravel())

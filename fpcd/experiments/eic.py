@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from fpcd.config import ConfigError, require_classifier, require_float, require_int, require_ints
-from fpcd.data import calo_transforms as buckets
+from fpcd.data import buckets
 from fpcd.data import eic
 from fpcd.data import eic_transforms as transforms
 from fpcd.experiments.two_stage import (TwoStageExperiment, bucketed_stage, classifier, run_row, sample_global,

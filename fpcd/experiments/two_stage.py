@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from fpcd.config import require_models
-from fpcd.data import calo_transforms as buckets
+from fpcd.data import buckets
 from fpcd.metrics.classifier import classifier_auc
 from fpcd.nets import ResMLP, SetTransformer, score_fn_from
 from fpcd.runner import Experiment, Stage
@@ -122,7 +122,7 @@ def bucketed_stage(name: str, model, section, key, *, seed: int, bucket_of: np.n
                    rows_batch: Callable) -> Stage:
     """A :class:`~fpcd.runner.Stage` of variable-length sets trained bucket by bucket: the batch at
     ``step`` is ``rows_batch(indices, rows, length, step)``, where ``indices`` are the events of
-    :func:`~fpcd.data.calo_transforms.bucketed_batch` (all of the global batch, so that noise drawn
+    :func:`~fpcd.data.buckets.bucketed_batch` (all of the global batch, so that noise drawn
     per batch is the same on every process), ``rows`` this process's rows of them and ``length``
     the bucket's padded length. Its probe batch is padded to the longest bucket (the peak memory)."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fpcd.data import eic
-from fpcd.data.jetnet import wrap_phi
+from fpcd.data.kinematics import wrap_phi
 from fpcd.metrics.distances import wasserstein_1d
 
 EVENT_OBSERVABLES = ("electron_pt", "electron_eta", "multiplicity", "log10_q2", "log10_x", "y")
