@@ -343,20 +343,6 @@ def test_batch_must_divide_across_devices():
         _validate(cfg, num_devices=3)
 
 
-def test_a_workdir_recorded_before_a_field_was_added_is_still_the_same_run(tmp_path):
-    """``FIELDS_ADDED_LATER``: a calo run recorded without ``cell_model.layer_embedding`` holds the
-    model without it (False); True is another model and is refused."""
-    from fpcd.runner import check_workdir
-
-    config = {"experiment": "calo", "cell_model": {"width": 64, "layer_embedding": False}}
-    old = {"experiment": "calo", "cell_model": {"width": 64}}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    assert check_workdir(str(tmp_path), config, ("experiment", "cell_model"))
-    config["cell_model"]["layer_embedding"] = True
-    with pytest.raises(ConfigError, match="cell_model.layer_embedding: False -> True"):
-        check_workdir(str(tmp_path), config, ("experiment", "cell_model"))
-
-
 def test_the_train_step_uses_the_configured_noise_levels_and_weighting():
     """The runner hands a training section's levers to the step: its first loss is the DSM loss of
     the initial model with those options on the step's key, and differs from the plain loss."""

@@ -34,12 +34,10 @@ log-likelihood; the cost per jet; the exact-vs-Hutchinson agreement) and the fig
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fpcd.config import (ConfigError, get_field, require_float, require_int, require_models,
                          require_strings, validate_sde, validate_train)
@@ -50,8 +48,7 @@ from fpcd.experiments.jets import NUM_JET_FEATURES, NUM_PARTICLE_FEATURES, JetsE
 from fpcd.experiments.two_stage import array_stage, resmlp_from, set_transformer_from, split
 from fpcd.likelihood import DIVERGENCES, log_likelihood
 from fpcd.nets import score_fn_from
-from fpcd.parallel import batch_sharding
-from fpcd.runner import Experiment, batch_rows, main_process_first, place_rows, to_host
+from fpcd.runner import Experiment, batch_placement, main_process_first, run_batched
 
 SCORE_ARRAYS = ("type_index", "log_p_jet", "log_p_particles", "num_particles", "mass", "score")
 MULTIPLICITY = 3  # the jet features' multiplicity column
@@ -313,34 +310,22 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
 
     def batched(self, log_p_fn, arrays: dict, key, tolerances: dict, sampler, description: str):
         """``log_p_fn(rows, tolerances, key)`` over ``sampling.batch_size`` rows at a time, on every device of
-        ``sampler.mesh`` (the runner's :class:`~fpcd.runner.BatchSampler`).
+        ``sampler.mesh`` (:func:`fpcd.runner.run_batched`).
 
         Returns ``(values (N,), largest NFE of a batch, seconds without compilation)``. The last
         batch wraps around to keep one compiled shape; the extra rows are dropped. Batch ``i``
-        draws its probe from ``fold_in(key, i)``.
+        draws its probe from ``fold_in(key, i)``; the warm-up compiles with loose tolerances (values,
+        not part of the program).
         """
         count = len(arrays["jet"])
         batch = self.batch_size(count, sampler)
-        devices = 1 if sampler.mesh is None else sampler.mesh.devices.size
-        sharding = batch_sharding(sampler.mesh) if devices > 1 and batch % devices == 0 else None
-
-        def rows_of(index):
-            rows = batch_rows(index, batch, count)
-            return {name: (jnp.asarray(a[rows]) if sharding is None else place_rows(a[rows], sharding))
-                    for name, a in arrays.items()}
-
-        warm, _ = log_p_fn(rows_of(0), {**tolerances, "rtol": 0.5, "atol": 0.5}, jax.random.fold_in(key, 10**6))
-        jax.block_until_ready(warm)  # compile: the tolerances are values, not part of the program
-        values, nfes = [], []
-        start = time.perf_counter()
-        for index in tqdm(range(-(-count // batch)), desc=description, disable=not self.progress, leave=False,
-                          dynamic_ncols=True):
-            log_p, nfe = log_p_fn(rows_of(index), tolerances, jax.random.fold_in(key, index))
-            values.append(to_host(log_p))
-            nfes.append(int(nfe))
-        seconds = time.perf_counter() - start
-        values = np.concatenate(values)[:count].astype(np.float64)
+        loose = {**tolerances, "rtol": 0.5, "atol": 0.5}
+        result = run_batched(lambda rows, k: log_p_fn(rows, tolerances, k), key, num_items=count, batch_size=batch,
+                             inputs=arrays, sharding=batch_placement(sampler.mesh, batch),
+                             warmup=lambda rows, k: log_p_fn(rows, loose, k), progress=self.progress,
+                             description=description)
+        values = result.outputs.astype(np.float64)
         if not np.all(np.isfinite(values)):
             raise FloatingPointError(f"{description}: {int(np.sum(~np.isfinite(values)))} of {count} "
                                      "log-likelihoods are not finite")
-        return values, max(nfes), seconds
+        return values, max(int(nfe) for nfe in result.extras), result.seconds

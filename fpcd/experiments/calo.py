@@ -110,6 +110,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
     KEY_NAMES = ("models", "train_cluster", "train", "sampling")
     IDENTITY_FIELDS = ("experiment", "seed", "representation", "data", "sde", "cluster_model", "cell_model",
                        "image_model", "train.prediction", "train_cluster.prediction")
+    FIELDS_ADDED_LATER = {"cell_model.layer_embedding": False}  # runs saved before it had no layer embedding
     TRAIN_SECTIONS = ("train_cluster", "train")
 
     @property
