@@ -23,7 +23,7 @@ from fpcd.data.jetnet import JetSet
 from fpcd.experiments.calo import CaloExperiment
 from fpcd.experiments.eic import EicExperiment
 from fpcd.experiments.gmm import GaussianMixtureExperiment
-from fpcd.experiments.jets import JetsExperiment, PreparedData
+from fpcd.experiments.jets import JetData, JetsExperiment
 from fpcd.io import DiskFullError, WorkdirLock, WorkdirLockedError
 from fpcd.parallel import data_mesh
 from fpcd.runner import RunSamples, expected_error_message, train_and_evaluate, write_samples
@@ -375,7 +375,7 @@ def test_jet_metrics_and_figures_survive_runs_without_finite_jets(tmp_path):
         cfg.data.jet_types = ("q",)
         cfg.sampling.num_samples = 40
     experiment = JetsExperiment(cfg, progress=False)
-    data = PreparedData(("q",), {"q": _fake_jets("q", 200, 0)}, 0.5)
+    data = JetData(("q",), {"q": _fake_jets("q", 200, 0)}, 0.5)
     nan = _fake_jets("q", 40, 1)
     nan.particle_features[..., :3] = np.nan
     samples = {"q": {

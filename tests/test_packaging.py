@@ -39,8 +39,10 @@ def test_installed_copy_imports_from_another_directory_without_the_repository(tm
                                      "requirements.txt)\n" + install.stdout[-3000:] + install.stderr[-3000:])
 
     installed = sorted(os.listdir(site))
-    assert installed[0] == "fpcd" and installed[1].startswith("fpcd-") and installed[1].endswith(".dist-info")
-    assert len(installed) == 2, installed  # no experiments/, tests/ or benchmarks/
+    assert installed[:2] == ["bin", "fpcd"] and installed[2].startswith("fpcd-"), installed
+    assert installed[2].endswith(".dist-info") and len(installed) == 3, installed  # no experiments/, tests/, benchmarks/
+    assert os.listdir(site / "bin") == ["fpcd"]  # the console script
+    assert "from fpcd.cli import run" in (site / "bin" / "fpcd").read_text()
     assert _python_files(site / "fpcd") == _python_files(src / "fpcd")  # every module, namespace packages too
 
     probe = (
@@ -58,3 +60,8 @@ def test_installed_copy_imports_from_another_directory_without_the_repository(tm
     for module in ("file", "sampling"):
         assert os.path.realpath(found[module]).startswith(os.path.realpath(site) + os.sep), found
     assert found["dist"] == found["version"]  # the version comes from fpcd.__version__
+
+    script = subprocess.run([sys.executable, str(site / "bin" / "fpcd"), "--mode=train"], capture_output=True,
+                            text=True, cwd=elsewhere, env=dict(env, PYTHONPATH=str(site)), timeout=300)
+    assert script.returncode == 1 and script.stderr.strip().splitlines() == [
+        "error: --config is required, e.g. --config=experiments/gmm.py"], script.stderr[-3000:]
