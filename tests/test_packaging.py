@@ -65,3 +65,23 @@ def test_installed_copy_imports_from_another_directory_without_the_repository(tm
                             text=True, cwd=elsewhere, env=dict(env, PYTHONPATH=str(site)), timeout=300)
     assert script.returncode == 1 and script.stderr.strip().splitlines() == [
         "error: --config is required, e.g. --config=experiments/gmm.py"], script.stderr[-3000:]
+
+
+def test_package_exports_load_on_first_use_without_starting_jax():
+    probe = (
+        "import sys, fpcd\n"
+        "assert 'jax' not in sys.modules, 'import fpcd started JAX'\n"
+        "import importlib\n"
+        "for name in fpcd.__all__:\n"
+        "    if name != '__version__':\n"
+        "        assert getattr(fpcd, name) is getattr(importlib.import_module(fpcd._EXPORTS[name]), name), name\n"
+        "try:\n"
+        "    fpcd.no_such_name\n"
+        "except AttributeError as err:\n"
+        "    assert 'no_such_name' in str(err)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
