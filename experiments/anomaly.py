@@ -15,7 +15,7 @@ exact vs Hutchinson agreement), ``scores_<background>.h5`` and the figures
 Data: the jets experiment's generated jets (same seeds, so the same cache under
 ``data.cache_dir``) or the real JetNet files with ``--config.data.path_pattern=/data/jetnet/{type}.hdf5``.
 Training with the likelihood weighting ``lambda(t) = g(t)^2``:
-``--config.train.loss_weighting=likelihood --config.train_jet.loss_weighting=likelihood``.
+``--config.train_set.loss_weighting=likelihood --config.train_global.loss_weighting=likelihood``.
 """
 
 import ml_collections
@@ -38,8 +38,10 @@ def get_config(variant: str = ""):
     # One model pair per background, trained on those types alone; the other types are the anomalies.
     cfg.backgrounds = ml_collections.ConfigDict({"qcd": ("g", "q"), "top": ("t",)})
     # Both backgrounds' training takes ~13 of the default's 20 minutes on 2 CPU cores.
-    cfg.train_jet = _train(3000, 256, 1e-3, 200, 1000)
-    cfg.train = _train(3000, 128, 5e-4, 300, 1000)  # the particle stage
+    cfg.train_global = _train(num_steps=3000, batch_size=256, learning_rate=1e-3, warmup_steps=200,
+                              checkpoint_every=1000)
+    cfg.train_set = _train(num_steps=3000, batch_size=128, learning_rate=5e-4, warmup_steps=300,
+                           checkpoint_every=1000)  # the particle stage
 
     # The likelihood runs: every scored jet with Hutchinson's estimator (the anomaly score), and the
     # first num_jets of each type with the exact divergence (the estimator's check).
@@ -58,15 +60,19 @@ def get_config(variant: str = ""):
 
     if variant == "tiny":
         cfg.backgrounds = ml_collections.ConfigDict({"qcd": ("q",)})
-        cfg.train_jet = _train(150, 64, 2e-3, 10, 75, log_every=50)
-        cfg.train = _train(150, 32, 2e-3, 10, 75, log_every=50)
+        cfg.train_global = _train(num_steps=150, batch_size=64, learning_rate=2e-3, warmup_steps=10,
+                                  checkpoint_every=75, log_every=50)
+        cfg.train_set = _train(num_steps=150, batch_size=32, learning_rate=2e-3, warmup_steps=10,
+                               checkpoint_every=75, log_every=50)
         cfg.sampling.num_samples = 40
         cfg.sampling.batch_size = 80
         cfg.sampling.runs.hutchinson.probes = 2
         cfg.sampling.runs.exact.num_jets = 8
     elif variant == "full":
-        cfg.train_jet = _train(50_000, 1024, 1e-3, 1000, 5000)
-        cfg.train = _train(300_000, 256, 3e-4, 5000, 5000)
+        cfg.train_global = _train(num_steps=50_000, batch_size=1024, learning_rate=1e-3, warmup_steps=1000,
+                                  checkpoint_every=5000)
+        cfg.train_set = _train(num_steps=300_000, batch_size=256, learning_rate=3e-4, warmup_steps=5000,
+                               checkpoint_every=5000)
         cfg.sampling.num_samples = 20_000
         cfg.sampling.batch_size = 2000
         cfg.sampling.runs = ml_collections.ConfigDict({

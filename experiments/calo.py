@@ -59,8 +59,14 @@ def get_config(variant: str = ""):
     cfg.image_model = ml_collections.ConfigDict({"channels": (8, 16, 32), "context_width": 64, "fourier_scale": 16.0})
     # The image preset keeps the EMA it was measured with (0.995, no warm-up).
     ema = {} if not image else {"ema_decay": 0.995, "ema_warmup": False}
-    cfg.train_cluster = _train(3000, 256, 1e-3, 100, 1000, **ema)
-    cfg.train = _train(5000, 64, 1e-3, 100, 500) if not image else _train(1500, 32, 1e-3, 100, 500, **ema)
+    cfg.train_global = _train(num_steps=3000, batch_size=256, learning_rate=1e-3, warmup_steps=100,
+                              checkpoint_every=1000, **ema)
+    if image:
+        cfg.train_set = _train(num_steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100,
+                               checkpoint_every=500, **ema)
+    else:
+        cfg.train_set = _train(num_steps=5000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+                               checkpoint_every=500)
 
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.num_samples = 1500  # showers generated per run; the floor uses two disjoint test subsets
@@ -74,7 +80,8 @@ def get_config(variant: str = ""):
     })
 
     # Progressive distillation of both stages, 64 -> 32 -> ... -> 1 DDIM steps.
-    cfg.distill = distill_section(6, 64, 700, 2e-4, sample_steps=(8, 4, 2, 1), warmup_steps=50,
+    cfg.distill = distill_section(rounds=6, teacher_steps=64, num_steps=700, learning_rate=2e-4,
+                                  sample_steps=(8, 4, 2, 1), warmup_steps=50,
                                   checkpoint_every=350)
 
     cfg.eval = ml_collections.ConfigDict()
@@ -98,14 +105,17 @@ def get_config(variant: str = ""):
         cfg.cluster_model.update({"width": 16, "depth": 1})
         cfg.cell_model.update({"width": 16, "depth": 1, "num_heads": 2})
         cfg.image_model.update({"channels": (4, 8), "context_width": 16})
-        cfg.train_cluster = _train(60, 32, 2e-3, 5, 30, log_every=30)
-        cfg.train = _train(60, 16, 2e-3, 5, 30, log_every=30)
+        cfg.train_global = _train(num_steps=60, batch_size=32, learning_rate=2e-3, warmup_steps=5,
+                                  checkpoint_every=30, log_every=30)
+        cfg.train_set = _train(num_steps=60, batch_size=16, learning_rate=2e-3, warmup_steps=5,
+                               checkpoint_every=30, log_every=30)
         cfg.sampling.num_samples = 48
         cfg.sampling.batch_size = 48
         # The ODE is tested by the gmm and jets tiny runs; the calo tiny run samples its student instead.
         cfg.sampling.runs = ml_collections.ConfigDict({"em_10": {"method": "em", "steps": 10}})
         cfg.eval.momentum_bins = (2.0, 8.0, 30.0)
-        cfg.distill = distill_section(0 if image else 1, 2, 20, 1e-3, sample_steps=(1,), warmup_steps=2,
+        cfg.distill = distill_section(rounds=0 if image else 1, teacher_steps=2, num_steps=20,
+                                      learning_rate=1e-3, sample_steps=(1,), warmup_steps=2,
                                       log_every=10, checkpoint_every=10)
         cfg.eval.classifier.update({"hidden": (16,), "epochs": 3, "batch_size": 16})
     elif scale == "full":
@@ -114,8 +124,10 @@ def get_config(variant: str = ""):
         cfg.cluster_model.update({"width": 128, "depth": 3})
         cfg.cell_model.update({"width": 128, "depth": 6, "num_heads": 8})
         cfg.image_model.update({"channels": (32, 64, 128), "context_width": 128})
-        cfg.train_cluster = _train(30_000, 1024, 1e-3, 1000, 5000, ema_decay=0.999)
-        cfg.train = _train(200_000, 256, 3e-4, 5000, 5000, ema_decay=0.999)
+        cfg.train_global = _train(num_steps=30_000, batch_size=1024, learning_rate=1e-3, warmup_steps=1000,
+                                  checkpoint_every=5000, ema_decay=0.999)
+        cfg.train_set = _train(num_steps=200_000, batch_size=256, learning_rate=3e-4, warmup_steps=5000,
+                               checkpoint_every=5000, ema_decay=0.999)
         cfg.sampling.num_samples = 10_000
         cfg.sampling.batch_size = 2000
         cfg.sampling.runs = ml_collections.ConfigDict({
@@ -126,6 +138,7 @@ def get_config(variant: str = ""):
         })
         cfg.eval.classifier.update({"hidden": (2048, 2048, 2048), "epochs": 50, "batch_size": 1000,
                                     "learning_rate": 2e-4})
-        cfg.distill = distill_section(9, 512, 20_000, 1e-4, sample_steps=(8, 4, 2, 1), warmup_steps=500,
+        cfg.distill = distill_section(rounds=9, teacher_steps=512, num_steps=20_000, learning_rate=1e-4,
+                                      sample_steps=(8, 4, 2, 1), warmup_steps=500,
                                       checkpoint_every=5000, ema_decay=0.999)
     return cfg

@@ -41,8 +41,10 @@ def get_config(variant: str = ""):
     cfg.event_model = ml_collections.ConfigDict({"width": 128, "depth": 3, "fourier_scale": 16.0})
     cfg.particle_model = ml_collections.ConfigDict({"width": 64, "depth": 3, "num_heads": 4, "mlp_ratio": 2,
                                                     "fourier_scale": 16.0})
-    cfg.train_event = _train(3000, 256, 1e-3, 100, 1000, ema_decay=0.995)
-    cfg.train = _train(12_000, 64, 1e-3, 200, 1000, ema_decay=0.995)  # the particle stage
+    cfg.train_global = _train(num_steps=3000, batch_size=256, learning_rate=1e-3, warmup_steps=100,
+                              checkpoint_every=1000, ema_decay=0.995)
+    cfg.train_set = _train(num_steps=12_000, batch_size=64, learning_rate=1e-3, warmup_steps=200,
+                           checkpoint_every=1000, ema_decay=0.995)  # the particle stage
 
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.num_samples = 2000  # events per run; the floor uses two disjoint held-out subsets of this size
@@ -58,7 +60,8 @@ def get_config(variant: str = ""):
 
     # Off in the default (its 15-minute budget); --config.distill.rounds=6 distils both stages 64 -> 1 DDIM steps
     # in ~9 more minutes on 2 CPU cores and samples the 8-, 4-, 2- and 1-step students.
-    cfg.distill = distill_section(0, 64, 700, 2e-4, sample_steps=(8, 4, 2, 1), warmup_steps=50, checkpoint_every=350)
+    cfg.distill = distill_section(rounds=0, teacher_steps=64, num_steps=700, learning_rate=2e-4,
+                                  sample_steps=(8, 4, 2, 1), warmup_steps=50, checkpoint_every=350)
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.evaluators = ("observables", "classifier")  # fpcd.experiments.eic
@@ -72,13 +75,16 @@ def get_config(variant: str = ""):
         cfg.data.buckets = ()  # one padded length (49): one compilation per stage (the tests' time budget)
         cfg.event_model.update({"width": 16, "depth": 1})
         cfg.particle_model.update({"width": 16, "depth": 1, "num_heads": 2})
-        cfg.train_event = _train(60, 32, 2e-3, 5, 30, log_every=30, ema_decay=0.9)
-        cfg.train = _train(60, 16, 2e-3, 5, 30, log_every=30, ema_decay=0.9)
+        cfg.train_global = _train(num_steps=60, batch_size=32, learning_rate=2e-3, warmup_steps=5,
+                                  checkpoint_every=30, log_every=30, ema_decay=0.9)
+        cfg.train_set = _train(num_steps=60, batch_size=16, learning_rate=2e-3, warmup_steps=5,
+                               checkpoint_every=30, log_every=30, ema_decay=0.9)
         cfg.sampling.num_samples = 60
         cfg.sampling.batch_size = 60
         # One run, PC (the corrector on a masked, conditioned set model; DDIM and EM: the other tiny runs).
         cfg.sampling.runs = ml_collections.ConfigDict({"pc_10": {"method": "pc", "steps": 5, "snr": 0.16}})
-        cfg.distill = distill_section(0, 2, 20, 1e-3, sample_steps=(1,), warmup_steps=2, log_every=10,
+        cfg.distill = distill_section(rounds=0, teacher_steps=2, num_steps=20, learning_rate=1e-3,
+                                      sample_steps=(1,), warmup_steps=2, log_every=10,
                                       checkpoint_every=10)
         cfg.eval.classifier.update({"hidden": (16,), "epochs": 3, "batch_size": 16})
     elif variant == "full":
@@ -87,8 +93,10 @@ def get_config(variant: str = ""):
         cfg.data.buckets = (16, 24, 32, 40)
         cfg.event_model.update({"width": 256, "depth": 4})
         cfg.particle_model.update({"width": 128, "depth": 8, "num_heads": 8})
-        cfg.train_event = _train(50_000, 1024, 1e-3, 1000, 5000)
-        cfg.train = _train(300_000, 256, 3e-4, 5000, 5000)
+        cfg.train_global = _train(num_steps=50_000, batch_size=1024, learning_rate=1e-3, warmup_steps=1000,
+                                  checkpoint_every=5000)
+        cfg.train_set = _train(num_steps=300_000, batch_size=256, learning_rate=3e-4, warmup_steps=5000,
+                               checkpoint_every=5000)
         cfg.sampling.num_samples = 50_000
         cfg.sampling.batch_size = 5000
         cfg.sampling.runs = ml_collections.ConfigDict({
@@ -101,6 +109,7 @@ def get_config(variant: str = ""):
         cfg.eval.classifier.update({"hidden": (512, 512, 512), "epochs": 50, "batch_size": 1000,
                                     "learning_rate": 2e-4})
         # CaloScore v2's schedule: 512 -> 256 -> ... -> 1 steps.
-        cfg.distill = distill_section(9, 512, 20_000, 1e-4, sample_steps=(8, 4, 2, 1), warmup_steps=500,
+        cfg.distill = distill_section(rounds=9, teacher_steps=512, num_steps=20_000, learning_rate=1e-4,
+                                      sample_steps=(8, 4, 2, 1), warmup_steps=500,
                                       checkpoint_every=5000, ema_decay=0.999)
     return cfg

@@ -37,7 +37,9 @@ def get_config(variant: str = ""):
     cfg.model.fourier_scale = 16.0
 
     # v-prediction (distillation needs a v-prediction teacher), EMA 0.995, three checkpoints kept.
-    cfg.train = train_section(3000, 512, 2e-3, 100, 500, ema_decay=0.995, prediction="v")
+    cfg.train = train_section(num_steps=3000, batch_size=512, learning_rate=2e-3, warmup_steps=100,
+                              checkpoint_every=500,
+                              ema_decay=0.995, prediction="v")
     cfg.train.keep_checkpoints = 3
 
     cfg.sampling = ml_collections.ConfigDict()
@@ -57,7 +59,8 @@ def get_config(variant: str = ""):
     )
 
     # Progressive distillation: 256 -> 128 -> ... -> 1 DDIM steps; every student sampled.
-    cfg.distill = distill_section(8, 256, 1000, 3e-4, sample_steps=(128, 64, 32, 16, 8, 4, 2, 1), warmup_steps=50)
+    cfg.distill = distill_section(rounds=8, teacher_steps=256, num_steps=1000, learning_rate=3e-4,
+                                  sample_steps=(128, 64, 32, 16, 8, 4, 2, 1), warmup_steps=50)
 
     cfg.eval = ml_collections.ConfigDict({"evaluators": ("w1", "likelihood")})  # fpcd.experiments.gmm
 
@@ -82,7 +85,8 @@ def get_config(variant: str = ""):
                 "ode_1e-3": {"method": "ode", "rtol": 1e-3, "atol": 1e-3},
             }
         )
-        cfg.distill = distill_section(3, 8, 400, 2e-3, sample_steps=(4, 1), warmup_steps=20, log_every=100,
+        cfg.distill = distill_section(rounds=3, teacher_steps=8, num_steps=400, learning_rate=2e-3,
+                                      sample_steps=(4, 1), warmup_steps=20, log_every=100,
                                       checkpoint_every=200)
     elif variant:
         raise ValueError(f"experiments/gmm.py: unknown variant {variant!r}; expected '' or 'tiny'")

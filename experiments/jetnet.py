@@ -29,8 +29,10 @@ def get_config(variant: str = ""):
 
     # data (the jets experiment's generated jets: one cache), sde, jet_model, particle_model
     cfg.update(jet_sections(variant))
-    cfg.train_jet = _train(4000, 256, 1e-3, 200, 1000)
-    cfg.train = _train(20000, 128, 5e-4, 500, 1000)  # the particle stage
+    cfg.train_global = _train(num_steps=4000, batch_size=256, learning_rate=1e-3, warmup_steps=200,
+                              checkpoint_every=1000)
+    cfg.train_set = _train(num_steps=20000, batch_size=128, learning_rate=5e-4, warmup_steps=500,
+                           checkpoint_every=1000)  # the particle stage
 
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.num_samples = 1200  # per type; the floor uses two disjoint test subsets of this size
@@ -46,14 +48,17 @@ def get_config(variant: str = ""):
     })
 
     # 64 -> 32 -> ... -> 1 DDIM steps, 1,500 steps per round and stage (~25 min on 2 CPU cores).
-    cfg.distill = distill_section(6, 64, 1500, 2e-4, sample_steps=(8, 4, 2, 1), warmup_steps=50,
+    cfg.distill = distill_section(rounds=6, teacher_steps=64, num_steps=1500, learning_rate=2e-4,
+                                  sample_steps=(8, 4, 2, 1), warmup_steps=50,
                                   checkpoint_every=500)
 
     cfg.eval = ml_collections.ConfigDict({"evaluators": ("jet_metrics",), "num_batches": 5, "seed": 42})
 
     if variant == "tiny":
-        cfg.train_jet = _train(150, 64, 2e-3, 10, 75, log_every=50)
-        cfg.train = _train(150, 32, 2e-3, 10, 75, log_every=50)
+        cfg.train_global = _train(num_steps=150, batch_size=64, learning_rate=2e-3, warmup_steps=10,
+                                  checkpoint_every=75, log_every=50)
+        cfg.train_set = _train(num_steps=150, batch_size=32, learning_rate=2e-3, warmup_steps=10,
+                               checkpoint_every=75, log_every=50)
         cfg.sampling.num_samples = 60
         cfg.sampling.batch_size = 60
         cfg.sampling.runs = ml_collections.ConfigDict({  # PC and the ODE: gmm tiny (the tests' time budget)
@@ -63,8 +68,10 @@ def get_config(variant: str = ""):
         cfg.eval.num_batches = 1
         cfg.distill.rounds = 0  # the calo tiny preset covers distilling a two-stage model
     elif variant == "full":
-        cfg.train_jet = _train(50_000, 1024, 1e-3, 1000, 5000)
-        cfg.train = _train(300_000, 256, 3e-4, 5000, 5000)
+        cfg.train_global = _train(num_steps=50_000, batch_size=1024, learning_rate=1e-3, warmup_steps=1000,
+                                  checkpoint_every=5000)
+        cfg.train_set = _train(num_steps=300_000, batch_size=256, learning_rate=3e-4, warmup_steps=5000,
+                               checkpoint_every=5000)
         cfg.sampling.num_samples = 50_000
         cfg.sampling.batch_size = 5000
         cfg.sampling.runs = ml_collections.ConfigDict({
@@ -75,6 +82,7 @@ def get_config(variant: str = ""):
             "ode_1e-5": {"method": "ode", "rtol": 1e-5, "atol": 1e-5},
         })
         # CaloScore v2's schedule: 512 -> 256 -> ... -> 1 steps.
-        cfg.distill = distill_section(9, 512, 20_000, 1e-4, sample_steps=(8, 4, 2, 1), warmup_steps=500,
+        cfg.distill = distill_section(rounds=9, teacher_steps=512, num_steps=20_000, learning_rate=1e-4,
+                                      sample_steps=(8, 4, 2, 1), warmup_steps=500,
                                       checkpoint_every=5000, ema_decay=0.999)
     return cfg

@@ -108,10 +108,10 @@ class AnomalyData:
 
 
 class AnomalyExperiment(AnomalyEvaluation, Experiment):
-    KEY_NAMES = ("models", "train_jet", "train", "sampling")
+    KEY_NAMES = ("models", "train_global", "train_set", "sampling")
     IDENTITY_FIELDS = ("experiment", "seed", "data", "backgrounds", "sde", "jet_model", "particle_model",
-                       "train.prediction", "train_jet.prediction")
-    TRAIN_SECTIONS = ("train_jet", "train")
+                       "train_set.prediction", "train_global.prediction")
+    TRAIN_SECTIONS = ("train_global", "train_set")
 
     # --- config --------------------------------------------------------------------------------
 
@@ -226,13 +226,13 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
             jet_seed = cfg.seed + 2 * index
 
             def dequantise(batch, step, rows, b=background, seed=jet_seed):
-                return {"x": b.dequantised(batch["x"], seed, step, cfg.train_jet.batch_size, rows)}
+                return {"x": b.dequantised(batch["x"], seed, step, cfg.train_global.batch_size, rows)}
 
-            stages += [array_stage(f"jet_{name}", jet_model, cfg.train_jet,
-                                   jax.random.fold_in(self.key("train_jet"), index), seed=jet_seed,
+            stages += [array_stage(f"jet_{name}", jet_model, cfg.train_global,
+                                   jax.random.fold_in(self.key("train_global"), index), seed=jet_seed,
                                    arrays={"x": background.jet}, transform=dequantise, probe=False),
-                       array_stage(f"particle_{name}", particle_model, cfg.train,
-                                   jax.random.fold_in(self.key("train"), index), seed=jet_seed + 1,
+                       array_stage(f"particle_{name}", particle_model, cfg.train_set,
+                                   jax.random.fold_in(self.key("train_set"), index), seed=jet_seed + 1,
                                    arrays={"x": background.particles, "mask": background.mask,
                                            "cond": background.jet}, probe=False)]
         return tuple(stages)
@@ -240,7 +240,7 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
     def training_examples(self, data: AnomalyData):
         """The smallest background's training jets (both sections draw from every background)."""
         count = min(len(b) for b in data.backgrounds.values())
-        return {"train_jet": count, "train": count}
+        return {"train_global": count, "train_set": count}
 
     # --- likelihoods (the runner's sampling step) ----------------------------------------------
 
@@ -279,14 +279,14 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
         tolerances = {"rtol": float(options["rtol"]), "atol": float(options["atol"]), "t_min": float(options["t_min"])}
 
         def jet_log_p(rows, tol):
-            score_fn = score_fn_from(jet_model, self.sde, prediction=cfg.train_jet.prediction)
+            score_fn = score_fn_from(jet_model, self.sde, prediction=cfg.train_global.prediction)
             return log_likelihood(score_fn, self.sde, rows["jet"], divergence="exact", **tol)
 
         def particle_log_p(rows, tol, k):
             probes = options["probes"]
             x, m, c = (jnp.tile(rows[name], (probes,) + (1,) * (rows[name].ndim - 1))
                        for name in ("particles", "mask", "jet"))
-            score_fn = score_fn_from(particle_model, self.sde, prediction=cfg.train.prediction, mask=m, cond=c)
+            score_fn = score_fn_from(particle_model, self.sde, prediction=cfg.train_set.prediction, mask=m, cond=c)
             log_p, nfe = log_likelihood(score_fn, self.sde, x, key=k, divergence=options["divergence"], mask=m, **tol)
             return log_p.reshape(probes, -1).mean(axis=0), nfe
 

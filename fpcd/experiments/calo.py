@@ -78,7 +78,7 @@ class CaloData:
             self.cell_stats = Standardisation.fit(raw[self.cells[..., 4] > 0.5])
             self.bounds["cells"] = feature_bounds(self.cell_stats.apply(raw), self.cells[..., 4])
             self.lengths, self.buckets = buckets.training_buckets(
-                counts[:cut], buckets.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train.batch_size)
+                counts[:cut], buckets.bucket_lengths(cfg.data.buckets, self.max_cells), cfg.train_set.batch_size)
         else:
             logs = transforms.image_to_log_fractions(to_voxels(self.train.cells, group=GROUP))
             self.image_stats = Standardisation.fit(logs.ravel())
@@ -106,12 +106,9 @@ class CaloData:
 class CaloExperiment(CaloEvaluation, TwoStageExperiment):
     GLOBAL_STAGE, SET_STAGE = "cluster", "cells"
     GLOBAL_MODEL, SET_MODEL = "cluster_model", "cell_model"
-    GLOBAL_TRAIN, SET_TRAIN = "train_cluster", "train"
-    KEY_NAMES = ("models", "train_cluster", "train", "sampling")
     IDENTITY_FIELDS = ("experiment", "seed", "representation", "data", "sde", "cluster_model", "cell_model",
-                       "image_model", "train.prediction", "train_cluster.prediction")
+                       "image_model", "train_set.prediction", "train_global.prediction")
     FIELDS_ADDED_LATER = {"cell_model.layer_embedding": False}  # runs saved before it had no layer embedding
-    TRAIN_SECTIONS = ("train_cluster", "train")
 
     @property
     def stage2(self) -> str:
@@ -195,8 +192,8 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
                            arrays={"x": data.images, "cond": data.stage2_cond(data.cluster, data.cond)})
 
     def training_examples(self, data: CaloData):
-        return {"train_cluster": len(data.cluster),
-                "train": len(data.cells) if self.cfg.representation == "cloud" else len(data.images)}
+        return {"train_global": len(data.cluster),
+                "train_set": len(data.cells) if self.cfg.representation == "cloud" else len(data.images)}
 
     def generate(self, data: CaloData, models, group, run, key, sampler, momentum=None, theta=None):
         """One shower per held-out (momentum, theta) (or the given ones) through both stages."""
@@ -208,7 +205,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
         k_cluster, k_stage2 = jax.random.split(key)
         cond_std = data.cond_stats.apply(transforms.conditions(momentum, theta))
         cluster_std, nfe_cluster, seconds_cluster = sample_global(
-            sampler, models["cluster"], self.sde, run, k_cluster, prediction=cfg.train_cluster.prediction,
+            sampler, models["cluster"], self.sde, run, k_cluster, prediction=cfg.train_global.prediction,
             num_samples=n, batch_size=self.batch_size(n, sampler), num_features=2,
             description="sample cluster features", conditions=cond_std, x0_bounds=self.x0_bounds(data, "cluster"))
         finite = np.all(np.isfinite(cluster_std), axis=1)
@@ -241,7 +238,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
     def _generate_cells(self, data, models, run, key, sampler, cond2, num_cells, theta, total_energy, finite):
         cfg = self.cfg
         features, nfe, seconds = sample_set(
-            sampler, models["cells"], self.sde, run, key, prediction=cfg.train.prediction, counts=num_cells,
+            sampler, models["cells"], self.sde, run, key, prediction=cfg.train_set.prediction, counts=num_cells,
             max_length=data.max_cells, num_features=NUM_CELL_FEATURES, conditions=cond2,
             batch_size=lambda rows: self.batch_size(rows, sampler), description="sample cells",
             lengths=data.lengths, x0_bounds=self.x0_bounds(data, "cells"))
@@ -257,7 +254,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
     def _generate_images(self, data, models, run, key, sampler, cond2, total_energy, finite):
         cfg, n = self.cfg, len(cond2)
         x, nfe, seconds = sampler(
-            lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train.prediction, cond=cond,
+            lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train_set.prediction, cond=cond,
                                              x0_bounds=self.x0_bounds(data, "image")),
             key, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=data.images.shape[1:], run=run,
             description="sample voxel images", conditions=cond2)

@@ -53,19 +53,16 @@ class EicData:
         self.stats = transforms.fit_standardisation(self.train)
         self.event, self.particles, self.mask, _ = transforms.to_model(self.train, self.stats)
         self.lengths, self.buckets = buckets.training_buckets(
-            self.train.multiplicity, buckets.bucket_lengths(cfg.data.buckets, MAX_OTHER), cfg.train.batch_size)
+            self.train.multiplicity, buckets.bucket_lengths(cfg.data.buckets, MAX_OTHER), cfg.train_set.batch_size)
 
 
 class EicExperiment(TwoStageExperiment):
     GLOBAL_STAGE, SET_STAGE = "event", "particle"
     GLOBAL_MODEL, SET_MODEL = "event_model", "particle_model"
-    GLOBAL_TRAIN, SET_TRAIN = "train_event", "train"
-    KEY_NAMES = ("models", "train_event", "train", "sampling")
     # data.cache_dir and data.workers do not change the events: another cache is the same run.
     IDENTITY_FIELDS = ("experiment", "seed", "data.path", "data.num_events", "data.q2_min", "data.test_fraction",
-                       "data.buckets", "sde", "event_model", "particle_model", "train.prediction",
-                       "train_event.prediction")
-    TRAIN_SECTIONS = ("train_event", "train")
+                       "data.buckets", "sde", "event_model", "particle_model", "train_set.prediction",
+                       "train_global.prediction")
 
     def validate(self, num_devices: int) -> None:
         super().validate(num_devices)
@@ -119,7 +116,7 @@ class EicExperiment(TwoStageExperiment):
                               lengths=data.lengths, rows_batch=rows_batch)
 
     def training_examples(self, data: EicData):
-        return {"train_event": len(data.event), "train": len(data.particles)}
+        return {"train_global": len(data.event), "train_set": len(data.particles)}
 
     def generate(self, data: EicData, models, group, run, key, sampler, num_samples=None):
         """Events through both stages; ``num_samples`` defaults to ``sampling.num_samples``."""
@@ -127,7 +124,7 @@ class EicExperiment(TwoStageExperiment):
         n = num_samples or cfg.sampling.num_samples
         k_event, k_particle, k_phi = jax.random.split(key, 3)
         event_std, nfe_event, seconds_event = sample_global(
-            sampler, models["event"], self.sde, run, k_event, prediction=cfg.train_event.prediction, num_samples=n,
+            sampler, models["event"], self.sde, run, k_event, prediction=cfg.train_global.prediction, num_samples=n,
             batch_size=self.batch_size(n, sampler), num_features=transforms.NUM_EVENT_FEATURES,
             description="sample event vectors")
         finite = np.all(np.isfinite(event_std), axis=1)
@@ -138,7 +135,7 @@ class EicExperiment(TwoStageExperiment):
         event_std[:, 2] = (multiplicity - data.stats.event.mean[2]) / data.stats.event.std[2]
         event_std = event_std.astype(np.float32)
         particles, nfe, seconds = sample_set(
-            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train.prediction,
+            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train_set.prediction,
             counts=multiplicity, max_length=MAX_OTHER, num_features=transforms.NUM_MODEL_FEATURES,
             conditions=event_std, batch_size=lambda rows: self.batch_size(rows, sampler),
             description="sample particles", lengths=data.lengths)

@@ -130,12 +130,9 @@ def validate_jet_data(cfg) -> tuple[str, ...]:
 class JetsExperiment(TwoStageExperiment):
     GLOBAL_STAGE, SET_STAGE = "jet", "particle"
     GLOBAL_MODEL, SET_MODEL = "jet_model", "particle_model"
-    GLOBAL_TRAIN, SET_TRAIN = "train_jet", "train"
     RECORD_MEMORY = False
-    KEY_NAMES = ("models", "train_jet", "train", "sampling")
-    IDENTITY_FIELDS = ("experiment", "seed", "data", "sde", "jet_model", "particle_model", "train.prediction",
-                       "train_jet.prediction")
-    TRAIN_SECTIONS = ("train_jet", "train")
+    IDENTITY_FIELDS = ("experiment", "seed", "data", "sde", "jet_model", "particle_model", "train_set.prediction",
+                       "train_global.prediction")
 
     def validate(self, num_devices: int) -> None:
         super().validate(num_devices)
@@ -183,7 +180,7 @@ class JetsExperiment(TwoStageExperiment):
         return array_stage(s["name"], model, s["section"], s["key"], seed=s["seed"], arrays=arrays, probe=False)
 
     def training_examples(self, data: JetData):
-        return {"train_jet": len(data), "train": len(data)}
+        return {"train_global": len(data), "train_set": len(data)}
 
     def sample_groups(self, data):
         return data.types
@@ -200,7 +197,7 @@ class JetsExperiment(TwoStageExperiment):
         k_jet, k_particle = jax.random.split(key)
         bounds = data.bounds[jet_type] if cfg.sampling.clip_denoised else {"jet": None, "particle": None}
         jet_std, jet_nfe, jet_seconds = sample_global(
-            sampler, models["jet"], self.sde, run, k_jet, prediction=cfg.train_jet.prediction, num_samples=n,
+            sampler, models["jet"], self.sde, run, k_jet, prediction=cfg.train_global.prediction, num_samples=n,
             batch_size=batch, num_features=NUM_JET_FEATURES, description=f"sample {jet_type} jets", conditions=types,
             x0_bounds=bounds["jet"])
         # The multiplicity sets the mask; the particle stage sees the jet features it was trained on.
@@ -209,7 +206,7 @@ class JetsExperiment(TwoStageExperiment):
         jet_std[:, 3] = (multiplicity - stats.jet.mean[3]) / stats.jet.std[3]
         mask = jet_transforms.multiplicity_mask(multiplicity, num_particles)
         particles, particle_nfe, particle_seconds = sample_set(
-            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train.prediction,
+            sampler, models["particle"], self.sde, run, k_particle, prediction=cfg.train_set.prediction,
             counts=multiplicity, max_length=num_particles, num_features=NUM_PARTICLE_FEATURES,
             conditions=np.concatenate([jet_std, types], axis=1), batch_size=lambda rows: batch,
             description=f"sample {jet_type} particles", x0_bounds=bounds["particle"])
