@@ -5,7 +5,7 @@
 
 For the default preset (``experiments/calo.py``) it times, in one process:
 
-* the host side of a step: building a bucketed batch (``PreparedData.cloud_batch``: shuffling,
+* the host side of a step: building a bucketed batch (``CaloData.cloud_batch``: shuffling,
   dequantisation noise, features, standardisation);
 * the compiled train step (forward, backward, AdamW, EMA) at every bucket length, and the
   forward pass alone, for the configured cell model and for other widths and depths;
@@ -62,9 +62,17 @@ def main(argv=None):
     data = experiment.load_data()
     stage = experiment.stages(data)[1]
 
-    host = _median_seconds(lambda: data.cloud_batch(cfg.seed + 1, 17, cfg.train.batch_size), repeats)
+    batch_size = cfg.train_set.batch_size
+
+    def bucket_batch(b, step):
+        """The training batch of ``batch_size`` showers of bucket ``b`` (padded to its length) at ``step``."""
+        idx = np.flatnonzero(data.buckets == b)[:batch_size]
+        return data.cloud_batch(cfg.seed + 1, idx, slice(None), int(data.lengths[b]), step)
+
+    biggest = int(np.argmax(np.bincount(data.buckets, minlength=len(data.lengths))))
+    host = _median_seconds(lambda: bucket_batch(biggest, 17), repeats)
     counts = np.bincount(data.buckets, minlength=len(data.lengths))
-    batches = counts // cfg.train.batch_size
+    batches = counts // batch_size
     share = batches / batches.sum()
 
     def time_model(width, depth, num_heads, layer_embedding):
@@ -76,7 +84,7 @@ def main(argv=None):
                                           data_mesh(jax.devices()[:1]))
         per_length = {}
         for b, length in enumerate(data.lengths):
-            batch = data.cloud_batch(cfg.seed + 1, 0, cfg.train.batch_size, length=length)
+            batch = bucket_batch(b, 0)
             holder = {"state": state}
 
             def one_step():
