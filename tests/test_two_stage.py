@@ -237,7 +237,7 @@ COUNTS_AND_CENTROID_FACTORS = {"counts": 4.0, "centroid_x": 4.0}
 
 @pytest.mark.e2e
 def test_toy_experiment_trains_samples_and_evaluates_through_the_runner(tmp_path):
-    The toy of tests/toy_experiment.py, trained, sampled and evaluated through the runner, beats its
+    """The toy of tests/toy_experiment.py, trained, sampled and evaluated through the runner, beats its
     untrained networks (same keys) and comes within a factor of the truth-vs-truth floor.
 
     Measured with DDIM 20 on 400 events (W1 counts, W1 centroid, centre-centroid correlation; floor
