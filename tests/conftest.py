@@ -1,4 +1,5 @@
-"""Shared fixtures: the VP SDE and a Gaussian mixture with exact score and density."""
+"""Shared fixtures and helpers: the VP SDE, a Gaussian mixture with exact score and density, score
+wrappers that count calls or break down, and the subprocess runs of experiments/main.py and launch.sh."""
 
 import os
 import pathlib
@@ -7,6 +8,7 @@ import sys
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,6 +54,30 @@ class CountingScore(eqx.Module):
     def __call__(self, x, t):
         jax.debug.callback(lambda: self.tally.append(1))
         return self.inner(x, t)
+
+
+class NaNScore(eqx.Module):
+    """The exact score, but NaN wherever ``t`` lies in ``[t_lo, t_hi]`` (a network that breaks down
+    at some noise levels); tallies its executed calls on the host."""
+
+    inner: eqx.Module
+    t_lo: jax.Array
+    t_hi: jax.Array
+    tally: list = eqx.field(static=True)
+
+    def __call__(self, x, t):
+        jax.debug.callback(lambda: self.tally.append(1))
+        bad = ((t >= self.t_lo) & (t <= self.t_hi)).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(bad, jnp.nan, self.inner(x, t))
+
+
+def nan_score(exact_score, t_lo, t_hi):
+    return NaNScore(exact_score, jnp.asarray(t_lo, jnp.float32), jnp.asarray(t_hi, jnp.float32), [])
+
+
+def re_shape(shape):
+    """``shape`` as a regular expression matching its printed tuple."""
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
 
 
 class OracleNet(eqx.Module):

@@ -109,6 +109,7 @@ def _labels(arrays, types, background, anomaly):
     return keep, (type_of[keep] == anomaly).astype(int)
 
 
+@pytest.mark.e2e
 def test_metrics_json_is_what_the_scores_file_gives(anomaly_run):
     workdir, cfg, _, metrics = anomaly_run
     on_disk = json.loads((workdir / "metrics.json").read_text())
@@ -145,6 +146,7 @@ def test_metrics_json_is_what_the_scores_file_gives(anomaly_run):
         assert cost["nfe"] > 6 and cost["nfe_jet_stage"] > 6 and cost["ms_per_jet"] > 0
 
 
+@pytest.mark.e2e
 def test_scores_are_the_two_stage_likelihoods_of_the_held_out_jets(anomaly_run):
     """The exact run's values equal a direct log_likelihood of the restored models on the same jets
     (one batch), the multiplicity is the jets' own and the mass their physical mass."""
@@ -170,6 +172,7 @@ def test_scores_are_the_two_stage_likelihoods_of_the_held_out_jets(anomaly_run):
     np.testing.assert_allclose(arrays["log_p_particles"], np.asarray(log_p_particles), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_exact_and_hutchinson_particle_likelihoods_agree(anomaly_run):
     workdir, cfg, _, metrics = anomaly_run
     types = list(cfg.data.jet_types)

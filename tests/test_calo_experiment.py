@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
     return cloud, image, proc, proc_image
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("which", ["cloud", "image"])
 def test_tiny_runs_write_every_output(runs, which):
     cloud, image, *_ = runs
@@ -85,6 +86,7 @@ def test_tiny_runs_write_every_output(runs, which):
     assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
 
 
+@pytest.mark.e2e
 def test_ablation_table_reads_the_runs_metrics(runs, tmp_path):
     """benchmarks/ablation.py: one row per teacher run with the metrics.json values."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -104,6 +106,7 @@ def test_ablation_table_reads_the_runs_metrics(runs, tmp_path):
     assert json.loads((tmp_path / "ablation_calo.json").read_text())["rows"][0]["lever"] == "tiny"
 
 
+@pytest.mark.e2e
 def test_two_process_run_prints_and_logs_once(runs):
     cloud, _, proc, _ = runs
     assert proc.stdout.count("results in") == 1 and proc.stdout.count("truth vs truth AUC") == 1
@@ -116,6 +119,7 @@ def test_two_process_run_prints_and_logs_once(runs):
     assert (cloud / "distill_loss_curves.png").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_trained_model_beats_the_untrained_one(runs):
     """Showers of the trained tiny model are closer to the truth (cell-level W1 / floor, mean over
     the observables) than those the untrained networks make from the same noise and conditions:
@@ -139,6 +143,7 @@ def test_trained_model_beats_the_untrained_one(runs):
     assert trained_w1 < 0.9 * untrained_w1, (trained_w1, untrained_w1)
 
 
+@pytest.mark.e2e
 def test_separating_features_are_recomputed_from_the_samples(runs):
     """metrics.json's separating_features of the tiny run equal a recomputation: the held-out
     showers' and the saved samples' high-level features, each column's own AUC, ranked."""
@@ -160,6 +165,7 @@ def test_separating_features_are_recomputed_from_the_samples(runs):
     np.testing.assert_allclose([f["auc"] for f in got], [f["auc"] for f in expected], rtol=1e-12)
 
 
+@pytest.mark.e2e
 def test_point_cloud_samples_respect_stage_one(runs):
     cloud, *_ = runs
     with h5py.File(cloud / "samples.h5", "r") as f:
@@ -176,6 +182,7 @@ def test_point_cloud_samples_respect_stage_one(runs):
     np.testing.assert_allclose(cells[..., 0].sum(axis=1), cluster[:, 2], rtol=1e-5)
 
 
+@pytest.mark.e2e
 def test_comparison_table_and_eval_only_rerun(runs):
     cloud, image, _, proc_image = runs
     table = (image / "comparison.md").read_text()
@@ -283,6 +290,7 @@ def test_bad_config_values_raise(overrides, message):
         CaloExperiment(_cfg(**overrides), progress=False).validate(1)
 
 
+@pytest.mark.e2e
 def test_a_scalar_range_on_the_command_line_gives_one_clear_message(tmp_path):
     proc = _main(tmp_path / "work", "tiny", "--config.data.momentum_range=30", "--mode=train")
     assert proc.returncode == 1

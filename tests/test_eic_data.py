@@ -21,6 +21,7 @@ def events():
     return eic.generate(NUM_EVENTS, seed=3, workers=2, chunk_size=500, progress=False)
 
 
+@pytest.mark.e2e
 def test_layout_and_ordering(events):
     p = events.particles
     assert p.shape == (NUM_EVENTS, 50, 5) and events.kinematics.shape == (NUM_EVENTS, 4)
@@ -39,6 +40,7 @@ def test_layout_and_ordering(events):
     assert np.all(np.abs(p[..., 2][real]) <= np.pi)
 
 
+@pytest.mark.e2e
 def test_means_match_the_physics_note(events):
     """The note's sample (Q^2 > 25, CM frame): electron pT 6.50 +- 2.83 GeV, eta -2.53 +- 0.45,
     multiplicity 22.2 +- 9.3 (before the cap), Q^2 median 41 GeV^2. Tolerances: 4 standard errors
@@ -52,6 +54,7 @@ def test_means_match_the_physics_note(events):
     assert events.kinematics[:, 0].min() >= 25.0 * (1 - 1e-4)  # PhaseSpace:Q2Min, seen by the electron method
 
 
+@pytest.mark.e2e
 def test_conservation_holds_on_complete_events(events):
     """Charges sum to 0 and z to 2 over every event that fits in 50 rows (beam masses included in
     sqrt(s)); measured max |sum z - 2| = 2e-7 (float32)."""
@@ -67,6 +70,7 @@ def test_conservation_holds_on_complete_events(events):
     np.testing.assert_allclose(z[events.mask], p[..., 4][events.mask], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.e2e
 def test_kinematics_match_the_lab_frame_formulas(events):
     """Q^2 = 2 E E' (1 + cos theta) and y = 1 - E'/E (1 - cos theta)/2 with the electron boosted back to
     the lab (theta from the proton direction), pT^2 = Q^2 (1 - y), x = Q^2 / (s y), W^2 = M^2 + Q^2 (1-x)/x
@@ -87,6 +91,7 @@ def test_kinematics_match_the_lab_frame_formulas(events):
     assert np.all((k[:, 2] > 0) & (k[:, 2] <= 1) & (k[:, 1] > 0) & (k[:, 1] <= 1))
 
 
+@pytest.mark.e2e
 def test_same_seed_same_events_whatever_the_workers():
     one = eic.generate(30, seed=5, workers=1, chunk_size=12, progress=False)
     two = eic.generate(30, seed=5, workers=2, chunk_size=12, progress=False)  # 3 chunks on 2 workers
@@ -108,6 +113,7 @@ def test_charges_and_species_tables():
     np.testing.assert_array_equal(np.abs(back[same]), np.where(np.abs(pdg[known][same]) == 2112, 2112, 14))
 
 
+@pytest.mark.e2e
 def test_features_invert_exactly(events):
     features, real = transforms.particle_features(events)
     assert features.shape == (NUM_EVENTS, 49, 13)
@@ -155,6 +161,7 @@ def test_decoded_species_are_valid_with_consistent_charges():
     np.testing.assert_array_equal(eic.pdg_from_species(cls, charge), [22, -211, 2212, -11])
 
 
+@pytest.mark.e2e
 def test_conservation_metrics_see_a_broken_event(events):
     good = events.take(np.flatnonzero(events.mask[:, -1] == 0)[:50])
     particles = good.particles.copy()
@@ -170,6 +177,7 @@ def test_conservation_metrics_see_a_broken_event(events):
     assert intact["fraction_charge_conserved"] == intact["fraction_pt_balanced_within_5_percent"] == 1.0
 
 
+@pytest.mark.e2e
 def test_w1_block_and_classifier_features(events):
     a, b = events.take(slice(0, 1000)), events.take(slice(1000, 2000))
     obs_a, obs_b = eic_metrics.observables(a), eic_metrics.observables(b)
@@ -189,6 +197,7 @@ def test_w1_block_and_classifier_features(events):
     assert eic_metrics.classifier_features(a, sums=False).shape == (1000, 10 + 9 + 4 * eic_metrics.LEADING)
 
 
+@pytest.mark.e2e
 def test_save_load_and_cache(events, tmp_path):
     path = eic.save(events.take(slice(0, 20)), str(tmp_path / "e.h5"), seed=3)
     loaded = eic.load(path)
@@ -219,6 +228,7 @@ def test_save_load_and_cache(events, tmp_path):
     ("kinematics", r"kinematics has shape \(4, 4\)"),
     ("zero_pt", r"1 real particles have pT <= 0 \(first: event 2, row 1\)"),
 ])
+@pytest.mark.e2e
 def test_bad_files_are_refused_with_the_file_named(events, tmp_path, case, message):
     path = tmp_path / f"{case}.h5"
     particles = events.particles[:5].copy()
@@ -249,6 +259,7 @@ def test_bad_files_are_refused_with_the_file_named(events, tmp_path, case, messa
     assert str(path) in str(err.value)
 
 
+@pytest.mark.e2e
 def test_command_line_generator(tmp_path):
     """``python -m fpcd.data.eic`` with two workers (its settings must unpickle in them)."""
     out = tmp_path / "dis.h5"
@@ -260,6 +271,7 @@ def test_command_line_generator(tmp_path):
     assert len(events) == 40 and events.kinematics[:, 0].min() >= 100 * (1 - 1e-4)
 
 
+@pytest.mark.e2e
 def test_dis_variables_are_an_exact_bijection_of_the_electron(events):
     """The stage-1 model space: (Q^2, y) of a massless electron and back; they agree with the
     electron-method kinematics of the generator (electron mass 0.5 MeV: 1e-6 relative)."""

@@ -41,6 +41,7 @@ def tiny_run(tmp_path_factory):
     return workdir, cache, printed.getvalue()
 
 
+@pytest.mark.e2e
 def test_tiny_run_writes_every_output(tiny_run):
     workdir, _, printed = tiny_run
     cfg = eic_config.get_config("tiny")
@@ -70,6 +71,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         assert set(f["runs"]) == set(cfg.sampling.runs)
 
 
+@pytest.mark.e2e
 def test_generated_events_are_physical(tiny_run):
     """Every generated particle is one of the 9 species with its own charge, the z column is the
     one the class mass gives, the multiplicity is the stage-1 one and particles come in decreasing pT."""
@@ -85,6 +87,7 @@ def test_generated_events_are_physical(tiny_run):
     np.testing.assert_allclose(events.kinematics, eic.dis_kinematics(p[:, 0, :3]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_trained_model_beats_the_untrained_one(tiny_run):
     """Events of the trained tiny model are closer to the truth (W1 / floor, mean over the observables)
     than those the untrained networks make from the same noise: measured 2.24 vs 4.38 for DDIM 10.
@@ -117,6 +120,7 @@ def test_trained_model_beats_the_untrained_one(tiny_run):
     assert floor["w1"] == pytest.approx(json.loads((workdir / "metrics.json").read_text())["floor"]["w1"], rel=1e-12)
 
 
+@pytest.mark.e2e
 def test_config_and_data_errors_name_the_problem(tmp_path):
     cfg = eic_config.get_config("tiny")
     cfg.particle_model.num_heads = 3
@@ -140,6 +144,7 @@ def test_config_and_data_errors_name_the_problem(tmp_path):
         EicExperiment(cfg, progress=False).load_data()
 
 
+@pytest.mark.e2e
 def test_main_reports_a_bad_file_in_one_line(tmp_path):
     path = tmp_path / "jets.h5"
     with h5py.File(path, "w") as f:

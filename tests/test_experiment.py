@@ -72,6 +72,7 @@ def _final_parameters(workdir, student_steps=None):
                                                                                 eqx.is_array))]
 
 
+@pytest.mark.e2e
 def test_tiny_run_writes_metrics_samples_plots_and_training_log(tiny_run):
     workdir, proc = tiny_run
     metrics = json.loads((workdir / "metrics.json").read_text())
@@ -111,6 +112,7 @@ def test_tiny_run_writes_metrics_samples_plots_and_training_log(tiny_run):
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in rows], rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_trained_model_beats_the_prior_and_its_likelihood_is_close_to_the_exact_one(tiny_run, mixture):
     """A broken or untrained model fails these: its samples are no closer to the mixture than the
     N(0, I) prior is (measured W1 0.10-0.14 for the trained tiny model against 0.31 for the prior),
@@ -131,6 +133,7 @@ def test_trained_model_beats_the_prior_and_its_likelihood_is_close_to_the_exact_
     assert ll["nfe"] > 6
 
 
+@pytest.mark.e2e
 def test_two_processes_train_and_sample_like_one_process_with_two_devices(tiny_run, two_process_run):
     """Both run the same sharded programs over two devices; measured bit-identical (losses, gradient
     norms, parameters, sample W1), so rtol 1e-4 leaves room only for a different XLA build."""
@@ -157,6 +160,7 @@ def test_two_processes_train_and_sample_like_one_process_with_two_devices(tiny_r
     assert not [p for p in os.listdir(two_workdir) if p.startswith(".") and p.endswith(".tmp")]
 
 
+@pytest.mark.e2e
 def test_students_beat_the_teachers_own_ddim_at_the_same_steps(tiny_run):
     """What proves distillation does something: with the same prior noise, a 4-step and a 1-step
     student land far closer to the mixture than the teacher's DDIM in as many steps (measured on
@@ -170,6 +174,7 @@ def test_students_beat_the_teachers_own_ddim_at_the_same_steps(tiny_run):
     assert runs["student_4"]["w1_mean"] < 1.6 * runs["em_20"]["w1_mean"], runs
 
 
+@pytest.mark.e2e
 def test_killed_distillation_resumes_mid_round_bit_identically(tiny_run, tmp_path):
     """Dropping the last round's final checkpoint (a run killed between its two checkpoints) and
     rerunning ``--mode=distill`` redoes that round from its middle checkpoint and ends with the
@@ -188,6 +193,7 @@ def test_killed_distillation_resumes_mid_round_bit_identically(tiny_run, tmp_pat
     assert rows == expected_log_steps(cfg.distill)  # the redone steps' rows replaced, not duplicated
 
 
+@pytest.mark.e2e
 def test_train_mode_only_trains_and_later_modes_name_what_is_missing(tmp_path):
     proc = _main(f"--workdir={tmp_path}", "--mode=train", "--config.train.num_steps=20")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -208,6 +214,7 @@ def test_train_mode_only_trains_and_later_modes_name_what_is_missing(tmp_path):
     assert not (tmp_path / "samples.h5").exists() and not (tmp_path / "checkpoints" / "score_student_4").exists()
 
 
+@pytest.mark.e2e
 def test_students_of_another_teacher_are_refused(tiny_run, tmp_path):
     """A student checkpoint distilled with other settings (or from a teacher trained otherwise) is
     not silently resumed and handed on as the next round's teacher."""
@@ -222,6 +229,7 @@ def test_students_of_another_teacher_are_refused(tiny_run, tmp_path):
                            data_mesh(jax.devices()[:1]))
 
 
+@pytest.mark.e2e
 def test_sample_mode_on_an_empty_workdir_fails_and_leaves_nothing(tmp_path):
     workdir = tmp_path / "fresh"
     proc = _main(f"--workdir={workdir}", "--mode=sample")
@@ -229,6 +237,7 @@ def test_sample_mode_on_an_empty_workdir_fails_and_leaves_nothing(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.e2e
 def test_longer_run_resumes_from_the_checkpoint_and_appends_to_the_log(tiny_run):
     workdir, _ = tiny_run
     before = _log_rows(workdir)
@@ -241,6 +250,7 @@ def test_longer_run_resumes_from_the_checkpoint_and_appends_to_the_log(tiny_run)
     assert after[:len(before)] == before and [r["step"] for r in after[len(before):]] == [550, 600]
 
 
+@pytest.mark.e2e
 def test_eval_mode_reuses_saved_samples_and_runs_the_named_evaluators(tiny_run):
     workdir, _ = tiny_run
     before = (workdir / "samples.h5").stat().st_mtime_ns
@@ -255,6 +265,7 @@ def test_eval_mode_reuses_saved_samples_and_runs_the_named_evaluators(tiny_run):
     assert {name: r["w1"] for name, r in metrics["runs"].items()} == {name: r["w1"] for name, r in w1_before.items()}
 
 
+@pytest.mark.e2e
 def test_workdir_of_a_different_config_is_refused(tiny_run):
     workdir, _ = tiny_run
     config_before = (workdir / "config.json").read_text()
@@ -264,6 +275,7 @@ def test_workdir_of_a_different_config_is_refused(tiny_run):
     assert (workdir / "config.json").read_text() == config_before
 
 
+@pytest.mark.e2e
 def test_bad_config_value_fails_at_start_naming_the_field(tmp_path):
     proc = _main(f"--workdir={tmp_path}", "--config.train.batch_size=0")
     assert proc.returncode != 0

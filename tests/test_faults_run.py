@@ -1,4 +1,4 @@
-"""Run-level faults of ``experiments/main.py`` and the runner (issue 14): every expected failure ends
+"""Run-level faults of ``experiments/main.py`` and the runner: every expected failure ends
 in one ``error:`` line and a non-zero exit, one run per workdir, unreadable or foreign checkpoints,
 a full disk, and metrics that cannot be computed. Most checks call the library in-process on the
 gmm tiny preset (one short training shared by the module); four run ``experiments/main.py``."""
@@ -92,17 +92,19 @@ def assert_one_error_line(proc, *fragments):
     ("experiments/gmm.py:tiny", "--config.nonexistent=1", "config", "train"),
     ("experiments/calo.py:tiny", "--config.data.nonexistent=1", "config.data", "momentum_range"),
 ], ids=["top_level", "data_section"])
+@pytest.mark.e2e
 def test_unknown_override_field_is_named_with_the_fields_of_its_section(tmp_path, config, override, section,
                                                                         listed):
-    """Was: ``AttributeError: "'nonexistent'"`` with a traceback from ml_collections' flag parsing."""
+    """Guards against ``AttributeError: "'nonexistent'"`` with a traceback from ml_collections' flag parsing."""
     proc = run_main(config, override, f"--workdir={tmp_path / 'w'}", timeout=120)
     line = assert_one_error_line(proc, f"unknown field 'nonexistent' of {section}", listed)
     assert f"{section} has the fields" in line
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.e2e
 def test_config_file_error_is_one_line(tmp_path):
-    """Was: absl's "FATAL Flags parsing error" with the config file's traceback and a usage hint."""
+    """Guards against absl's "FATAL Flags parsing error" with the config file's traceback and a usage hint."""
     proc = run_main("experiments/gmm.py:bogus", f"--workdir={tmp_path / 'w'}", timeout=120)
     assert_one_error_line(proc, "unknown variant 'bogus'")
 
@@ -148,7 +150,7 @@ class FakeJets(JetsExperiment):
 
 
 def test_too_few_training_examples_name_the_batch_size_field(tmp_path):
-    """Was: ``ValueError: batch size 64 exceeds the number of training examples 28`` at the first batch."""
+    """Guards against ``ValueError: batch size 64 exceeds the number of training examples 28`` at the first batch."""
     cfg = jetnet_config.get_config("tiny")
     with cfg.unlocked():
         cfg.data.num_jets = 20
@@ -158,9 +160,10 @@ def test_too_few_training_examples_name_the_batch_size_field(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("config_json", [True, False], ids=["config_json", "checkpoints_only"])
 def test_a_workdir_of_another_experiment_is_named(copy, config_json):
-    """Was: a list of ``cell_model.*`` differences; now the experiments are named, from config.json or
+    """Guards against a list of ``cell_model.*`` differences; now the experiments are named, from config.json or
     (when it was removed) from the config stored with the checkpoints."""
     if not config_json:
         os.remove(copy / "config.json")
@@ -168,10 +171,11 @@ def test_a_workdir_of_another_experiment_is_named(copy, config_json):
         run(calo_config.get_config("tiny"), copy, "train", CaloExperiment)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode,holding", [("sample", "config_only"), ("eval", "config_only"),
                                           ("distill", "config_only"), ("sample", "empty")])
 def test_a_refused_mode_writes_nothing_to_the_workdir(trained, tmp_path, mode, holding):
-    """Was: ``--mode=sample`` (eval, distill) rewrote config.json (and distill created
+    """Guards against ``--mode=sample`` (eval, distill) rewrote config.json (and distill created
     checkpoints/score) before finding that the workdir holds no trained run."""
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -191,8 +195,9 @@ def test_a_refused_mode_writes_nothing_to_the_workdir(trained, tmp_path, mode, h
 # --- 2. one run per workdir -------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(copy):
-    """Was: two runs on one workdir crashed each other inside orbax."""
+    """Guards against two runs on one workdir crashed each other inside orbax."""
     with WorkdirLock(str(copy)):
         with pytest.raises(WorkdirLockedError, match=f"workdir {copy} is in use by another run \\(pid {os.getpid()} "
                                                      "on host"):
@@ -202,6 +207,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(copy):
     assert not (copy / ".lock").exists()  # released
 
 
+@pytest.mark.e2e
 def test_the_lock_of_a_killed_run_does_not_block_the_next(copy):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from fpcd.io import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); "
@@ -229,8 +235,9 @@ def _truncate_arrays(step_dir):
                 open(os.path.join(root, name), "w").close()
 
 
+@pytest.mark.e2e
 def test_an_unreadable_newest_checkpoint_is_skipped_and_training_resumes_from_the_previous(copy, capsys):
-    """Was: hundreds of lines ending in ``Event loop is closed``."""
+    """Guards against hundreds of lines ending in ``Event loop is closed``."""
     ignore_closed_loop_callbacks()  # as experiments/main.py does: orbax's abandoned reads
     directory = copy / "checkpoints" / "score"
     _truncate_arrays(directory / str(NUM_STEPS))
@@ -251,6 +258,7 @@ def test_an_unreadable_newest_checkpoint_is_skipped_and_training_resumes_from_th
     assert int(state.step) == NUM_STEPS  # trained again from step 10
 
 
+@pytest.mark.e2e
 def test_no_readable_checkpoint_is_one_clear_error(copy, capsys):
     ignore_closed_loop_callbacks()  # as experiments/main.py does: orbax's abandoned reads
     for step in (CHECKPOINT_EVERY, NUM_STEPS):
@@ -262,8 +270,9 @@ def test_no_readable_checkpoint_is_one_clear_error(copy, capsys):
     assert "Event loop is closed" not in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_checkpoints_of_another_model_are_refused_before_restoring(copy):
-    """Was: orbax's shape error (``Requested shape ... is not compatible``) once config.json was removed."""
+    """Guards against orbax's shape error (``Requested shape ... is not compatible``) once config.json was removed."""
     os.remove(copy / "config.json")
     cfg = tiny_config()
     with cfg.unlocked():
@@ -276,7 +285,7 @@ def test_checkpoints_of_another_model_are_refused_before_restoring(copy):
 
 @pytest.mark.parametrize("where", ["save", "background"])
 def test_a_full_disk_during_a_checkpoint_save_names_it_and_keeps_the_previous(tmp_path, monkeypatch, where):
-    """Was: hundreds of lines of orbax errors that never said "no space left on device"."""
+    """Guards against hundreds of lines of orbax errors that never said "no space left on device"."""
     directory = tmp_path / "ckpt"
     tree = {"w": np.arange(4.0, dtype=np.float32)}
     with Checkpointer(str(directory), save_every=1) as checkpointer:
@@ -336,8 +345,9 @@ def _strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.e2e
 def test_nonfinite_metrics_are_written_as_null_with_a_reason(copy):
-    """Was: ``NaN`` / ``Infinity`` in metrics.json (invalid JSON) without a word of why."""
+    """Guards against ``NaN`` / ``Infinity`` in metrics.json (invalid JSON) without a word of why."""
     _write_nonfinite_samples(copy)
     metrics = run(tiny_config(), copy, "eval", CheapEvaluation)
     written = _strict_json(copy / "metrics.json")
@@ -348,6 +358,7 @@ def test_nonfinite_metrics_are_written_as_null_with_a_reason(copy):
     assert reasons["runs.ddim_10.mean"].startswith("inf, written as null: it could not be computed from the samples")
 
 
+@pytest.mark.e2e
 def test_a_full_disk_writing_metrics_names_the_file_and_keeps_the_old_one(copy, monkeypatch):
     _write_nonfinite_samples(copy)
     (copy / "metrics.json").write_text('{"old": 1}\n')
@@ -368,7 +379,7 @@ def test_a_full_disk_writing_metrics_names_the_file_and_keeps_the_old_one(copy, 
 
 
 def test_jet_metrics_and_figures_survive_runs_without_finite_jets(tmp_path):
-    """Was: ``ValueError: Data cannot be log-scaled`` drawing nfe_vs_w1m.png when no run had a finite
+    """Guards against ``ValueError: Data cannot be log-scaled`` drawing nfe_vs_w1m.png when no run had a finite
     W1M, and a crash in the metrics for a run whose jets were all dropped as non-finite."""
     cfg = jetnet_config.get_config("tiny")
     with cfg.unlocked():

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from fpcd.metrics import efp
+from conftest import re_shape
 from fpcd.metrics import jets as J
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "jetnet_reference.npz")
@@ -180,3 +181,55 @@ def test_fast_w1_equals_scipy():
     ties = np.array([0.0, 0.0, 1.0, 1.0])
     assert wasserstein_1d(ties, ties) == 0.0
     assert wasserstein_1d([0.0], [2.5]) == pytest.approx(2.5)
+
+
+JETS = np.concatenate([np.random.default_rng(0).normal(0, 0.1, (6, 5, 2)), np.full((6, 5, 1), 0.2),
+                       np.ones((6, 5, 1))], axis=2)
+W1_KW = {"num_eval_samples": 6, "num_batches": 1}
+JET_METRICS = {
+    "w1m": lambda a, b: J.w1m(a, b, **W1_KW),
+    "w1p": lambda a, b: J.w1p(a, b, **W1_KW),
+    "w1efp": lambda a, b: J.w1efp(a, b, **W1_KW),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(JET_METRICS))
+@pytest.mark.parametrize("bad", [JETS[0], JETS[:0]], ids=["one jet 2-d", "empty"])
+def test_jet_w1_metrics_name_the_expected_shape(metric, bad):
+    with pytest.raises(ValueError, match=rf"jets2 must have shape \(N, P, 3 or 4\).*got shape {re_shape(bad.shape)}"):
+        JET_METRICS[metric](JETS, bad)
+
+
+@pytest.mark.parametrize("bad", [JETS[0], JETS[:0]], ids=["one jet 2-d", "empty"])
+def test_fpd_kpd_features_name_the_expected_shape(bad):
+    with pytest.raises(ValueError, match=rf"jets must have shape \(N, P, 3 or 4\).*got shape {re_shape(bad.shape)}"):
+        J.get_fpd_kpd_jet_features(bad)
+
+
+FEATURES = np.random.default_rng(1).normal(size=(8, 3))
+
+
+@pytest.mark.parametrize("metric", ["fpd", "kpd"])
+@pytest.mark.parametrize("bad", [FEATURES[:0], FEATURES[0], FEATURES[:, :, None]], ids=["empty", "1-d", "3-d"])
+def test_fpd_kpd_name_the_expected_shape(metric, bad):
+    call = {"fpd": lambda a, b: J.fpd(a, b, min_samples=4, max_samples=8, num_batches=1, num_points=2),
+            "kpd": lambda a, b: J.kpd(a, b, num_batches=1, batch_size=4)}[metric]
+    with pytest.raises(ValueError, match=rf"gen_features must have shape \(N, F\).*got shape {re_shape(bad.shape)}"):
+        call(FEATURES, bad)
+
+
+@pytest.mark.parametrize("metric", ["w1m", "w1p", "w1efp", "get_fpd_kpd_jet_features", "fpd", "kpd"])
+def test_jet_metrics_refuse_non_finite_input(metric):
+    jets = JETS.copy()
+    jets[2, 1, 0] = np.nan
+    features = FEATURES.copy()
+    features[3, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN/inf"):
+        if metric in JET_METRICS:
+            JET_METRICS[metric](JETS, jets)
+        elif metric == "get_fpd_kpd_jet_features":
+            J.get_fpd_kpd_jet_features(jets)
+        elif metric == "fpd":
+            J.fpd(FEATURES, features, min_samples=4, max_samples=8, num_batches=1, num_points=2)
+        else:
+            J.kpd(FEATURES, features, num_batches=1, batch_size=4)

@@ -27,18 +27,21 @@ def jets():
     return {t: generate(t, NUM_JETS, num_particles=150, seed=7, workers=2, progress=False) for t in JET_TYPES}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("jet_type", ["t", "w", "z"])
 def test_median_mass_sits_at_the_decaying_particle(jets, jet_type):
     median = float(np.median(jets[jet_type].jet_features[:, 2]))
     assert 0.97 * POLE_MASS[jet_type] < median < 1.08 * POLE_MASS[jet_type], median
 
 
+@pytest.mark.e2e
 def test_mass_ordering_w_z_t_and_qcd_lighter_than_top(jets):
     med = {t: np.median(jets[t].jet_features[:, 2]) for t in JET_TYPES}
     assert med["w"] < med["z"] < med["t"]
     assert med["q"] < med["g"] < med["t"]
 
 
+@pytest.mark.e2e
 def test_underlying_event_without_threshold_pushes_the_mass_up():
     """The plain recipe (all particles clustered) adds the full underlying event inside R = 0.8:
     measured on 400 jets it raises the median mass by t +6%, W +17%, Z +14% over the default."""
@@ -50,10 +53,12 @@ def test_underlying_event_without_threshold_pushes_the_mass_up():
         assert low < ratio < high, (jet_type, ratio)
 
 
+@pytest.mark.e2e
 def test_quark_jets_have_fewer_constituents_than_gluon_jets(jets):
     assert jets["q"].jet_features[:, 3].mean() < 0.8 * jets["g"].jet_features[:, 3].mean()
 
 
+@pytest.mark.e2e
 def test_multiplicities_match_jetnet_means(jets):
     """JetNet150 mean multiplicities (physics note, training split); the defaults were chosen to match."""
     jetnet_mean = {"g": 66.6, "q": 38.3, "t": 63.0, "w": 38.6, "z": 40.2}
@@ -61,6 +66,7 @@ def test_multiplicities_match_jetnet_means(jets):
         assert abs(jets[jet_type].jet_features[:, 3].mean() / expected - 1) < 0.12, jet_type
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("jet_type", JET_TYPES)
 def test_layout_and_kinematics(jets, jet_type):
     js = jets[jet_type]
@@ -84,6 +90,7 @@ def test_layout_and_kinematics(jets, jet_type):
     assert np.sum(p[..., 2] * real * (d_r < 0.8)) / np.sum(p[..., 2] * real) > 0.999
 
 
+@pytest.mark.e2e
 def test_same_seed_gives_identical_arrays_whatever_the_worker_count():
     one = generate("w", 10, seed=5, workers=1, chunk_size=4, progress=False)
     two = generate("w", 10, seed=5, workers=2, chunk_size=4, progress=False)  # 3 chunks on 2 workers
@@ -107,6 +114,7 @@ np.savez("jets.npz", particles=js.particle_features, features=js.jet_features)
 """
 
 
+@pytest.mark.e2e
 def test_plain_script_without_main_guard_runs_once_with_workers(tmp_path):
     """A plain script (no `if __name__ == "__main__":`) that imports jax and generates with
     workers=2 runs once: the workers are fresh interpreters that never re-run the caller's script
@@ -123,6 +131,7 @@ def test_plain_script_without_main_guard_runs_once_with_workers(tmp_path):
     np.testing.assert_array_equal(saved["features"], one.jet_features)
 
 
+@pytest.mark.e2e
 def test_a_generator_error_in_a_worker_names_the_chunk_and_the_message():
     bad = GeneratorSettings(extra=("Bogus:setting = 1",))
     with pytest.raises(WorkerError, match=r"task \d of fpcd.data.jetnet:_generate_chunk failed in worker process "
@@ -130,12 +139,14 @@ def test_a_generator_error_in_a_worker_names_the_chunk_and_the_message():
         generate("q", 4, chunk_size=2, workers=2, settings=bad, progress=False)
 
 
+@pytest.mark.e2e
 def test_generation_is_silent(capfd):
     generate("q", 5, seed=1, workers=1, progress=False)
     out, err = capfd.readouterr()
     assert "PYTHIA" not in out + err and "FastJet" not in out + err, (out + err)[:500]
 
 
+@pytest.mark.e2e
 def test_command_line_writes_a_loadable_file(tmp_path):
     out = tmp_path / "z30.h5"
     proc = subprocess.run(
@@ -149,6 +160,7 @@ def test_command_line_writes_a_loadable_file(tmp_path):
     assert "wrote 12 z jets" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_cache_generates_once_then_reuses(tmp_path):
     first = cached_generate("q", 10, seed=2, cache_dir=str(tmp_path), workers=1, progress=False)
     files = list((tmp_path / "jetnet").iterdir())
@@ -184,6 +196,7 @@ def test_loads_the_public_layout_and_infers_the_type_from_the_name(tmp_path):
     assert load(str(_jetnet_file(tmp_path / "w.hdf5"))).jet_type == "w"
 
 
+@pytest.mark.e2e
 def test_round_trip_through_save(tmp_path, jets):
     path = save(jets["g"], str(tmp_path / "sub" / "g.h5"))
     back = load(path)
@@ -224,6 +237,7 @@ def test_unknown_jet_type_is_rejected():
         generate("b", 10)
 
 
+@pytest.mark.e2e
 def test_preprocessing_round_trip_keeps_padding_zero(jets):
     js = jets["t"]
     centred = JetSet("t", jet_transforms.recenter(js.particle_features), js.jet_features)
@@ -244,6 +258,7 @@ def test_preprocessing_round_trip_keeps_padding_zero(jets):
     np.testing.assert_array_equal(restored.jet.mean, stats.jet.mean)
 
 
+@pytest.mark.e2e
 def test_recentred_jets_have_zero_centroid(jets):
     p = jet_transforms.recenter(jets["w"].particle_features)
     w = p[..., 2] * (p[..., 3] > 0.5)
@@ -251,6 +266,7 @@ def test_recentred_jets_have_zero_centroid(jets):
     np.testing.assert_allclose((p[..., 1] * w).sum(1), 0.0, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_compare_plot_is_written(tmp_path, jets):
     from fpcd.plots.jets import compare
 

@@ -42,6 +42,7 @@ def tiny_run(tmp_path_factory, tiny_jet_cache):
     return workdir, cache, proc
 
 
+@pytest.mark.e2e
 def test_tiny_run_as_two_processes_writes_every_output_once(tiny_run):
     workdir, _, proc = tiny_run
     cfg = jetnet_config.get_config("tiny")
@@ -80,6 +81,7 @@ def test_tiny_run_as_two_processes_writes_every_output_once(tiny_run):
     assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
 
 
+@pytest.mark.e2e
 def test_trained_model_beats_the_untrained_one(tiny_run):
     """Jets of the trained model are closer to the truth (W1M, W1P) than those the untrained networks
     make from the same noise (same keys, same conditioning): measured for the tiny preset, W1M
@@ -108,6 +110,7 @@ def test_trained_model_beats_the_untrained_one(tiny_run):
         assert trained["w1m"] < w1m and trained["w1p"] < 0.97 * w1p, (jet_type, trained, w1m, w1p)
 
 
+@pytest.mark.e2e
 def test_ablation_rows_pick_each_types_best_sampler(tiny_run):
     """benchmarks/ablation.py on the tiny run: per type the run with the smallest largest W1 ratio."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -126,6 +129,7 @@ def test_ablation_rows_pick_each_types_best_sampler(tiny_run):
         assert row["fpd"] == block["runs"][row["best"]]["fpd"]
 
 
+@pytest.mark.e2e
 def test_a_workdir_of_a_different_config_is_refused(tiny_run):
     workdir, cache, _ = tiny_run
     before = (workdir / "config.json").read_text()
@@ -134,6 +138,7 @@ def test_a_workdir_of_a_different_config_is_refused(tiny_run):
     assert (workdir / "config.json").read_text() == before
 
 
+@pytest.mark.e2e
 def test_unreadable_data_file_gives_one_clear_error(tmp_path):
     (tmp_path / "q.hdf5").write_text("not hdf5")
     proc = _main(tmp_path / "work", tmp_path / "cache", f"--config.data.path_pattern={tmp_path}/{{type}}.hdf5")

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CountingScore
+from conftest import CountingScore, nan_score, re_shape
 from fpcd.data.gmm import ExactScore
 from fpcd.likelihood import exact_divergence, log_likelihood
+from fpcd.ode import NonFiniteStateError
 
 T_MIN = 1e-5
 
@@ -218,3 +219,47 @@ def test_likelihood_errors(exact_score, sde):
         log_likelihood(exact_score, sde, x, divergence="skilling")
     with pytest.raises(ValueError, match="unknown probe"):
         log_likelihood(exact_score, sde, x, key=jax.random.key(0), divergence="hutchinson", probe="uniform")
+
+
+def test_likelihood_stops_at_once_when_the_score_turns_nan(exact_score, sde, mixture):
+    score = nan_score(exact_score, 0.3, 1.0)  # the likelihood integrates from t_min up to 1
+    x = mixture.sample(jax.random.key(1), 8)
+    with pytest.raises(NonFiniteStateError, match=r"non-finite .* from t=0\.[0-9]+ to t=[0-9.]+") as info:
+        log_likelihood(score, sde, x, rtol=1e-3, atol=1e-3, max_steps=2000, divergence="hutchinson",
+                       key=jax.random.key(0))
+    jax.effects_barrier()
+    assert float(str(info.value).split("to t=")[1].split(":")[0]) > 0.3 - 1e-6  # the step that crossed t = 0.3
+    assert len(score.tally) < 600, len(score.tally)
+
+
+@pytest.mark.parametrize("where", ["x", "mask"])
+def test_likelihood_refuses_non_finite_input_eagerly(exact_score, sde, mixture, where):
+    x = np.array(mixture.sample(jax.random.key(2), 4))
+    mask = np.ones_like(x)
+    (x if where == "x" else mask)[1, 0] = np.nan
+    score = CountingScore(exact_score, [])
+    with pytest.raises(ValueError, match=f"^{where} holds NaN/inf"):
+        log_likelihood(score, sde, x, mask=mask, max_steps=2000)
+    jax.effects_barrier()
+    assert score.tally == []
+
+
+def test_likelihood_of_non_finite_input_under_jit_is_nan_after_one_step(exact_score, sde, mixture):
+    x = mixture.sample(jax.random.key(3), 4).at[2, 1].set(jnp.inf)
+    logp, nfe = jax.jit(lambda x: log_likelihood(exact_score, sde, x, max_steps=2000, divergence="hutchinson",
+                                                 key=jax.random.key(0)))(x)
+    assert np.all(np.isnan(np.asarray(logp)))
+    assert int(nfe) == 7  # one rejected Dopri5 trial step of 7 stages
+
+
+@pytest.mark.parametrize("max_steps", [True, 2.5, np.float32(10)])
+def test_likelihood_refuses_non_integer_max_steps(exact_score, sde, mixture, max_steps):
+    x = mixture.sample(jax.random.key(4), 4)
+    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+        log_likelihood(exact_score, sde, x, max_steps=max_steps)
+
+
+@pytest.mark.parametrize("shape", [(5,), (0, 2), (3, 0)])
+def test_likelihood_refuses_input_without_batch_or_empty(exact_score, sde, shape):
+    with pytest.raises(ValueError, match=rf"x must have shape \(B, \.\.\.\).*got shape {re_shape(shape)}"):
+        log_likelihood(exact_score, sde, jnp.zeros(shape))

@@ -555,3 +555,30 @@ def test_sharded_solvers_on_four_devices_count_and_match():
         assert row["nfe"] == [nfe, nfe] and row["calls"] == nfe, (method, row)
         assert row["num_shards"] == 4 and row["padding_zero"], (method, row)
         assert row["max_diff"] < 1e-4, (method, row)
+
+
+@pytest.mark.parametrize("steps", [np.int64(5), np.int32(5), np.array(5), jnp.array(5)],
+                         ids=["np.int64", "np.int32", "0-d numpy", "0-d jax"])
+def test_samplers_take_numpy_and_jax_integers(exact_score, sde, steps):
+    x, nfe = sample(exact_score, sde, jax.random.key(0), (4, 2), method="ddim", steps=steps)
+    reference, _ = sample(exact_score, sde, jax.random.key(0), (4, 2), method="ddim", steps=5)
+    assert nfe == 5 and type(nfe) is int
+    np.testing.assert_array_equal(x, reference)
+
+
+def test_samplers_take_numpy_integers_and_floats_for_every_option():
+    # The options are checked by the same code as sample()'s, without compiling a sampler.
+    assert nfe_of("pc", steps=np.int64(2), corrector_steps=np.int16(2), snr=np.float32(0.16)) == 6
+    assert nfe_of("heun", steps=jnp.array(3, jnp.int32), rho=np.float32(7.0), t_min=np.float32(1e-3)) == 5
+    assert nfe_of("ode", max_steps=np.uint8(9), rtol=np.float32(1e-4), dt0=jnp.array(0.01)) is None
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"method": "ode", "rtol": np.inf}, "rtol"),
+    ({"method": "heun", "rho": np.inf}, "rho"),
+    ({"method": "pc", "snr": True}, "snr"),
+    ({"method": "ddim", "eta": True}, "eta"),
+])
+def test_samplers_refuse_bool_and_infinite_number_options(exact_score, sde, options, name):
+    with pytest.raises(ValueError, match=f"sampling option {name} must be"):
+        sample(exact_score, sde, jax.random.key(0), (4, 2), **options)
