@@ -162,9 +162,9 @@ def test_scores_are_the_two_stage_likelihoods_of_the_held_out_jets(anomaly_run):
     masses = np.concatenate([data.scored[t].jet_features[:k, 2] for t in data.types])
     np.testing.assert_array_equal(arrays["mass"], masses)
     tol = {"rtol": cfg.sampling.runs.exact.rtol, "atol": cfg.sampling.runs.exact.atol}
-    jet_fn = score_fn_from(models[f"jet_{name}"], experiment.sde, prediction=cfg.train_jet.prediction)
+    jet_fn = score_fn_from(models[f"jet_{name}"], experiment.sde, prediction=cfg.train_global.prediction)
     log_p_jet, _ = log_likelihood(jet_fn, experiment.sde, jnp.asarray(jet), **tol)
-    particle_fn = score_fn_from(models[f"particle_{name}"], experiment.sde, prediction=cfg.train.prediction,
+    particle_fn = score_fn_from(models[f"particle_{name}"], experiment.sde, prediction=cfg.train_set.prediction,
                                 mask=jnp.asarray(mask), cond=jnp.asarray(jet))
     log_p_particles, _ = log_likelihood(particle_fn, experiment.sde, jnp.asarray(particles), mask=jnp.asarray(mask),
                                         **tol)

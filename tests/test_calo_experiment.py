@@ -112,7 +112,7 @@ def test_two_process_run_prints_and_logs_once(runs):
     assert proc.stdout.count("results in") == 1 and proc.stdout.count("truth vs truth AUC") == 1
     cfg = calo_config.get_config("tiny")
     rows = [json.loads(line) for line in (cloud / "train_log.jsonl").read_text().splitlines()]
-    for stage, section in (("cluster", cfg.train_cluster), ("cells", cfg.train), ("cluster_student_1", cfg.distill),
+    for stage, section in (("cluster", cfg.train_global), ("cells", cfg.train_set), ("cluster_student_1", cfg.distill),
                            ("cells_student_1", cfg.distill)):
         assert [r["step"] for r in rows if r["stage"] == stage] == expected_log_steps(section)
         assert len(list((cloud / "tensorboard" / stage).iterdir())) == 1

@@ -155,7 +155,7 @@ def test_too_few_training_examples_name_the_batch_size_field(tmp_path):
     with cfg.unlocked():
         cfg.data.num_jets = 20
         cfg.sampling.update({"num_samples": 3, "batch_size": 3})
-    with pytest.raises(ConfigError, match=r"config.train_jet.batch_size=64 exceeds the 28 training examples"):
+    with pytest.raises(ConfigError, match=r"config.train_global.batch_size=64 exceeds the 28 training examples"):
         run(cfg, tmp_path / "w", "train", FakeJets)
     assert not (tmp_path / "w").exists()
 

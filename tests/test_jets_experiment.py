@@ -73,11 +73,11 @@ def test_tiny_run_as_two_processes_writes_every_output_once(tiny_run):
         assert (workdir / png).stat().st_size > 5_000
     assert proc.stdout.count("W1M") == 1 and proc.stdout.count("results in") == 1  # process 0 alone prints
     rows = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
-    for stage, section in (("jet", cfg.train_jet), ("particle", cfg.train)):
+    for stage, section in (("jet", cfg.train_global), ("particle", cfg.train_set)):
         steps = [r["step"] for r in rows if r["stage"] == stage]
         assert steps == expected_log_steps(section)
         assert len(list((workdir / "tensorboard" / stage).iterdir())) == 1
-    assert metrics["train"]["particle"]["steps"] == cfg.train.num_steps
+    assert metrics["train"]["particle"]["steps"] == cfg.train_set.num_steps
     assert not [p for p in os.listdir(workdir) if p.endswith(".tmp")]
 
 
@@ -153,7 +153,7 @@ def test_unreadable_data_file_gives_one_clear_error(tmp_path):
         ("data.jet_types", ("q", "b"), "unknown or repeated jet type"),
         ("data.num_particles", 50, "30 or 150"),
         ("particle_model.num_heads", 3, "divisible"),
-        ("train_jet.learning_rate", 0.0, "config.train_jet.learning_rate"),
+        ("train_global.learning_rate", 0.0, "config.train_global.learning_rate"),
     ],
 )
 def test_config_errors_name_the_field(field, value, match):
