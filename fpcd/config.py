@@ -8,6 +8,7 @@ tuples (:func:`require_ints`, :func:`require_strings`, :func:`require_increasing
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 
@@ -15,9 +16,9 @@ import ml_collections
 
 from fpcd.errors import ConfigError
 from fpcd.nets import PREDICTIONS
-from fpcd.sampling import METHOD_DEFAULTS, _check_options, nfe_of
+from fpcd.sampling import METHOD_DEFAULTS, check_sampler_options, nfe_of
 from fpcd.sde import SCHEDULES
-from fpcd.train import LOSS_WEIGHTINGS, TIME_SAMPLINGS
+from fpcd.train import LEARNING_RATE_SCHEDULES, LOSS_WEIGHTINGS, TIME_SAMPLINGS, TrainSettings
 
 
 def get_field(cfg, dotted: str):
@@ -144,33 +145,21 @@ def validate_sde(cfg) -> None:
 
 
 def train_section(num_steps: int, batch_size: int, learning_rate: float, warmup_steps: int, checkpoint_every: int,
-                  *, log_every: int = 100, ema_decay: float = 0.999, prediction: str = "v", ema_warmup: bool = False,
-                  time_sampling: str = "uniform", noise_mean: float = -1.2, noise_std: float = 1.2,
-                  loss_weighting: str = "none", min_snr_gamma: float = 5.0):
-    """A training section with every field :func:`validate_train` checks (cosine schedule, clipping
-    at 1, no weight decay, ``t_min = 1e-5``, two checkpoints kept).
+                  **settings):
+    """A training section: :class:`fpcd.train.TrainSettings` with these fields and ``settings``
+    (its other fields: ``log_every``, ``ema_decay``, ``prediction`` (``"v"``), ``ema_warmup``,
+    ``time_sampling``, ``noise_mean``, ``noise_std``, ``loss_weighting``, ``min_snr_gamma``, ...;
+    cosine schedule, clipping at 1, no weight decay, ``t_min = 1e-5``, two checkpoints kept unless
+    given) as a ``ConfigDict`` with every field :func:`validate_train` checks. Presets call it with
+    keywords.
 
-    The loss's levers (:func:`fpcd.train.dsm_terms`): ``time_sampling`` ``"uniform"`` (stratified
+    The loss's levers (:class:`fpcd.loss.LossSettings`): ``time_sampling`` ``"uniform"`` (stratified
     uniform times) or ``"lognormal"`` (EDM's log-normal noise levels, ``log sigma ~ N(noise_mean,
     noise_std^2)``); ``loss_weighting`` ``"none"``, ``"min_snr"`` (Min-SNR-``min_snr_gamma``) or
     ``"likelihood"`` (``lambda(t) = g(t)^2``, score_sde's likelihood weighting); ``ema_warmup``
     ramps the EMA decay as ``min(ema_decay, (1 + n) / (10 + n))``."""
-    return ml_collections.ConfigDict({
-        "num_steps": num_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-        "warmup_steps": warmup_steps, "schedule": "cosine", "grad_clip": 1.0, "weight_decay": 0.0,
-        "ema_decay": ema_decay, "ema_warmup": ema_warmup, "prediction": prediction, "t_min": 1e-5,
-        "time_sampling": time_sampling, "noise_mean": noise_mean, "noise_std": noise_std,
-        "loss_weighting": loss_weighting, "min_snr_gamma": min_snr_gamma, "log_every": log_every,
-        "checkpoint_every": checkpoint_every, "keep_checkpoints": 2,
-    })
-
-
-def loss_options(train_cfg) -> dict:
-    """The keyword arguments of :func:`fpcd.train.make_train_step` beyond prediction, ``t_min`` and
-    the EMA decay that a training section sets (noise-level sampling, loss weighting, EMA warm-up)."""
-    return {"ema_warmup": bool(train_cfg.ema_warmup), "time_sampling": train_cfg.time_sampling,
-            "noise_mean": float(train_cfg.noise_mean), "noise_std": float(train_cfg.noise_std),
-            "weighting": train_cfg.loss_weighting, "min_snr_gamma": float(train_cfg.min_snr_gamma)}
+    return TrainSettings(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
+                         warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, **settings).to_config()
 
 
 def validate_optimisation(cfg, section: str) -> None:
@@ -184,14 +173,16 @@ def validate_optimisation(cfg, section: str) -> None:
     require_float(cfg, f"{s}.grad_clip", low=0.0)
     require_float(cfg, f"{s}.weight_decay", low=0.0)
     require_float(cfg, f"{s}.ema_decay", low=0.0, high=1.0)
-    require_choice(cfg, f"{s}.schedule", ("cosine", "constant"))
+    require_choice(cfg, f"{s}.schedule", LEARNING_RATE_SCHEDULES)
     require_int(cfg, f"{s}.log_every")
     require_int(cfg, f"{s}.checkpoint_every")
     require_int(cfg, f"{s}.keep_checkpoints")
 
 
-def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None:
-    """Check a training section (``config.train`` or another section of the same fields)."""
+def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> TrainSettings:
+    """Check a training section (``config.train`` or another section of the same fields) field by
+    field (:class:`ConfigError` naming the first bad one) and return it as
+    :class:`fpcd.train.TrainSettings`."""
     s = section
     validate_optimisation(cfg, s)
     batch_size = require_int(cfg, f"{s}.batch_size")
@@ -207,6 +198,11 @@ def validate_train(cfg, *, num_devices: int = 1, section: str = "train") -> None
     require_float(cfg, f"{s}.noise_std", low=0.0, high=20.0, open_low=True)
     require_choice(cfg, f"{s}.loss_weighting", LOSS_WEIGHTINGS)
     require_float(cfg, f"{s}.min_snr_gamma", low=0.0, open_low=True)
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(cfg[s]) - fields)
+    if unknown:
+        raise ConfigError(f"config.{s} has unknown field(s) {unknown}; a training section holds {sorted(fields)}")
+    return TrainSettings.from_config(cfg[s])
 
 
 DISTILL_OPTIMISATION_FIELDS = ("num_steps", "learning_rate", "warmup_steps", "schedule", "grad_clip", "weight_decay",
@@ -322,7 +318,7 @@ def validate_sampling(cfg, *, num_devices: int = 1) -> None:
                 f"config.sampling.runs.{name}.method must be one of {sorted(METHOD_DEFAULTS)}, got {method!r}"
             )
         try:
-            _check_options(method, run)
+            check_sampler_options(method, run)
         except ValueError as err:
             raise ConfigError(f"config.sampling.runs.{name}: {err}") from None
         check_run_name(name, method, run)

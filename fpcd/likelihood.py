@@ -23,12 +23,41 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from fpcd.ode import as_int, as_number, checked_nfe, solve_dopri5
+from fpcd.ode import as_number, check_solver_options, checked_nfe, solve_dopri5
 from fpcd.sampling import ProbabilityFlow
 from fpcd.sde import VPSDE, expand_mask
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
+LIKELIHOOD_DEFAULTS = {"divergence": "exact", "probe": "rademacher", "rtol": 1e-5, "atol": 1e-5, "t_min": 1e-5,
+                       "dt0": 0.01, "max_steps": 100_000}
+
+
+def check_likelihood_options(**options) -> dict:
+    """The one check of the likelihood's options (:func:`log_likelihood`; the anomaly experiment's
+    likelihood runs): :data:`LIKELIHOOD_DEFAULTS` updated with ``options`` and validated.
+    ``divergence`` in :data:`DIVERGENCES`, ``probe`` in :data:`PROBES`, ``t_min`` in ``(0, 1)``, the
+    solver's ``rtol``, ``atol``, ``dt0`` and ``max_steps`` by :func:`fpcd.ode.check_solver_options`;
+    numbers come back as Python floats and ints (traced values pass unchecked).
+
+    Raises:
+      ValueError: an unknown option or the first bad value, naming it.
+    """
+    unknown = sorted(set(options) - set(LIKELIHOOD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown likelihood option(s) {unknown}; allowed: {sorted(LIKELIHOOD_DEFAULTS)}")
+    merged = {**LIKELIHOOD_DEFAULTS, **options}
+    if merged["divergence"] not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {merged['divergence']!r}; expected one of {DIVERGENCES}")
+    if merged["probe"] not in PROBES:
+        raise ValueError(f"unknown probe {merged['probe']!r}; expected one of {PROBES}")
+    if not isinstance(merged["t_min"], jax.core.Tracer):
+        value = as_number(merged["t_min"])
+        if value is None or not 0.0 < value < 1.0:
+            raise ValueError(f"t_min must lie in (0, 1), got {merged['t_min']!r}")
+        merged["t_min"] = value
+    merged.update(check_solver_options(**{k: merged[k] for k in ("rtol", "atol", "dt0", "max_steps")}))
+    return merged
 
 
 def real_entries_first(mask):
@@ -156,17 +185,10 @@ def log_likelihood(
       RuntimeError: (eager calls only) the solver ran out of ``max_steps`` or its step size
         collapsed.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    opts = check_likelihood_options(divergence=divergence, probe=probe, rtol=rtol, atol=atol, t_min=t_min, dt0=dt0,
+                                    max_steps=max_steps)
     if divergence == "hutchinson" and key is None:
         raise ValueError("divergence='hutchinson' needs a PRNG key for its probe")
-    if not isinstance(t_min, jax.core.Tracer):
-        value = as_number(t_min)
-        if value is None or not 0.0 < value < 1.0:
-            raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
-    steps = as_int(max_steps)
-    if steps is None or steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
     x = jnp.asarray(x)
     if x.ndim < 2 or x.size == 0:
         raise ValueError(f"x must have shape (B, ...): a batch axis of B >= 1 samples and at least one non-empty feature "
@@ -182,7 +204,7 @@ def log_likelihood(
     flow = AugmentedFlow(ProbabilityFlow(score_fn, sde, m), divergence)
     state0 = (x, jnp.zeros((x.shape[0],), x.dtype))
     (z, delta), stats = solve_dopri5(
-        flow, state0, t0=t_min, t1=1.0, rtol=rtol, atol=atol, args=probe_vector, dt0=dt0, max_steps=steps,
-        mask=m,
+        flow, state0, t0=opts["t_min"], t1=1.0, rtol=opts["rtol"], atol=opts["atol"], args=probe_vector,
+        dt0=opts["dt0"], max_steps=opts["max_steps"], mask=m,
     )
-    return sde.prior_logp(z, m) + delta, checked_nfe(stats, t1=1.0, max_steps=steps)
+    return sde.prior_logp(z, m) + delta, checked_nfe(stats, t1=1.0, max_steps=opts["max_steps"])

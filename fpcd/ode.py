@@ -254,18 +254,38 @@ def solve_dopri5(vector_field, y0, *, t0, t1, rtol, atol, args=None, dt0=0.01, m
       ``stop_interval``).
 
     Raises:
-      ValueError: concrete ``rtol``/``atol`` not positive and finite, ``max_steps`` not a positive
-        integer.
+      ValueError: concrete ``rtol``/``atol``/``dt0`` not positive and finite, ``max_steps`` not a
+        positive integer (:func:`check_solver_options`).
     """
-    if all(_is_concrete(v) for v in (rtol, atol)):
-        r, a = as_number(rtol), as_number(atol)
-        if r is None or a is None or not (0 < r < np.inf and 0 < a < np.inf):
-            raise ValueError(f"rtol and atol must be positive and finite, got rtol={rtol!r}, atol={atol!r}")
+    checked = check_solver_options(rtol=rtol, atol=atol, dt0=dt0, max_steps=max_steps)
+    scalars = [jnp.asarray(v, jnp.result_type(float)) for v in (t0, t1, checked["dt0"], checked["rtol"],
+                                                                   checked["atol"])]
+    return _solve(vector_field, y0, args, *scalars, checked["max_steps"], mask)
+
+
+def check_solver_options(*, rtol, atol, dt0=0.01, max_steps=100_000, prefix: str = "") -> dict:
+    """The options of a Dopri5 solve (:func:`solve_dopri5`) checked: ``rtol``, ``atol`` and ``dt0``
+    positive finite numbers (returned as Python floats; traced values pass unchecked), ``max_steps``
+    a positive integer (a Python int). The one check of these options, used by the ODE sampler's
+    and the likelihood's option checks.
+
+    Raises:
+      ValueError: naming the first bad option, after ``prefix`` (e.g. ``"sampling option "``).
+    """
+    checked = {}
+    for name, value in (("rtol", rtol), ("atol", atol), ("dt0", dt0)):
+        if not _is_concrete(value):
+            checked[name] = value
+            continue
+        number = as_number(value)
+        if number is None or not 0.0 < number < np.inf:
+            raise ValueError(f"{prefix}{name} must be a positive number, got {value!r}")
+        checked[name] = number
     steps = as_int(max_steps)
     if steps is None or steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    scalars = [jnp.asarray(v, jnp.result_type(float)) for v in (t0, t1, dt0, rtol, atol)]
-    return _solve(vector_field, y0, args, *scalars, steps, mask)
+        raise ValueError(f"{prefix}max_steps must be a positive integer, got {max_steps!r}")
+    checked["max_steps"] = steps
+    return checked
 
 
 def _first_failed(stats: SolveStats) -> int:

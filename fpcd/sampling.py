@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpcd.ode import as_int, as_number, checked_nfe, solve_dopri5
+from fpcd.ode import as_int, as_number, check_solver_options, checked_nfe, solve_dopri5
 from fpcd.sde import VPSDE, broadcast_time, expand_mask, mask_or_ones
 
 METHOD_DEFAULTS = {
@@ -336,42 +336,51 @@ def _ode(score_fn, sde, key, shape, mask, *, rtol, atol, dt0, max_steps, t_min, 
 _SAMPLERS = {"em": _em, "pc": _pc, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m, "heun": _heun, "ode": _ode}
 
 
-def _check_options(method: str, opts: dict) -> dict:
-    """The method's defaults updated with ``opts``, validated; integers (Python, NumPy or 0-d
-    integer arrays) come back as Python ints and numbers as Python floats."""
+def check_sampler_options(method: str, options: dict) -> dict:
+    """The one check of a sampler's options: ``method``'s defaults (:data:`METHOD_DEFAULTS`)
+    updated with ``options`` and validated; integers (Python, NumPy or 0-d integer arrays) come back
+    as Python ints and numbers as Python floats. Used by :func:`sample`, :func:`nfe_of` and the
+    configs' ``sampling.runs`` check (:func:`fpcd.config.validate_sampling`).
+
+    Raises:
+      ValueError: an unknown method, an unknown option, or the first bad value, naming it.
+    """
     if method not in METHOD_DEFAULTS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {sorted(METHOD_DEFAULTS)}")
     allowed = METHOD_DEFAULTS[method]
-    unknown = sorted(set(opts) - set(allowed))
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"sampling method {method!r} got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    merged = {**allowed, **opts}
-    for name in ("steps", "corrector_steps", "max_steps"):
+    merged = {**allowed, **options}
+    if method == "ode":
+        merged.update(check_solver_options(**{k: merged[k] for k in ("rtol", "atol", "dt0", "max_steps")},
+                                           prefix="sampling option "))
+    for name in ("steps", "corrector_steps"):
         if name in merged:
             value = as_int(merged[name])
             if value is None or value < 1:
                 raise ValueError(f"sampling option {name} must be a positive integer, got {merged[name]!r}")
             merged[name] = value
-    for name in ("snr", "rtol", "atol", "dt0", "rho", "eta", "t_min"):
+    for name in ("snr", "rho", "eta", "t_min"):
         if name in merged:
             value = as_number(merged[name])
             if value is None or not np.isfinite(value):
                 raise ValueError(f"sampling option {name} must be a finite number, got {merged[name]!r}")
             merged[name] = value
-    for name in ("snr", "rtol", "atol", "dt0", "rho"):
+    for name in ("snr", "rho"):
         if name in merged and not merged[name] > 0:
-            raise ValueError(f"sampling option {name} must be a positive number, got {opts.get(name, merged[name])!r}")
+            raise ValueError(f"sampling option {name} must be a positive number, got {options.get(name, merged[name])!r}")
     if "eta" in merged and not 0.0 <= merged["eta"] <= 1.0:
-        raise ValueError(f"sampling option eta must lie in [0, 1], got {opts.get('eta', merged['eta'])!r}")
+        raise ValueError(f"sampling option eta must lie in [0, 1], got {options.get('eta', merged['eta'])!r}")
     if not 0.0 < merged["t_min"] < 1.0:
-        raise ValueError(f"sampling option t_min must lie in (0, 1), got {opts.get('t_min', merged['t_min'])!r}")
+        raise ValueError(f"sampling option t_min must lie in (0, 1), got {options.get('t_min', merged['t_min'])!r}")
     return merged
 
 
 def nfe_of(method: str, **opts) -> int | None:
     """Score evaluations per sample of a fixed-step method (None for ``"ode"``: it depends on the
     solve)."""
-    merged = _check_options(method, opts)
+    merged = check_sampler_options(method, opts)
     if method == "pc":
         return merged["steps"] * (1 + merged["corrector_steps"])
     if method in ("em", "ddim", "dpmpp_2m"):
@@ -417,7 +426,7 @@ def sample(score_fn, sde: VPSDE, key, shape, *, method: str, mask=None, sharding
     Works inside ``jax.jit`` and ``jax.vmap``; ``shape``, ``method`` and ``opts`` must be
     Python (or concrete NumPy) values there.
     """
-    merged = _check_options(method, opts)
+    merged = check_sampler_options(method, opts)
     shape = tuple(int(s) for s in shape)
     if mask is not None:
         mask = jnp.asarray(mask, jnp.float32)

@@ -8,6 +8,7 @@ exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable
@@ -21,9 +22,11 @@ from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
 from fpcd.errors import ExpectedError
-from fpcd.nets import PREDICTIONS, apply_batched
 from fpcd.parallel import DATA_AXIS
-from fpcd.sde import VPSDE, broadcast_time, mask_or_ones
+from fpcd.loss import (  # noqa: F401  (the loss's public names, also importable from fpcd.train)
+    LOSS_OPTIONS, LOSS_WEIGHTINGS, TIME_SAMPLINGS, LossSettings, antithetic_times, draw_rows, dsm_loss, dsm_terms,
+    loss_settings, loss_weights, lognormal_times, stratified_uniform, training_times)
+from fpcd.sde import VPSDE
 
 
 class NonFiniteLossError(ExpectedError, FloatingPointError):
@@ -68,6 +71,9 @@ def init_train_state(model, optimizer: optax.GradientTransformation, key) -> Tra
     )
 
 
+LEARNING_RATE_SCHEDULES = ("cosine", "constant")
+
+
 def learning_rate_schedule(
     *, learning_rate: float, num_steps: int, warmup_steps: int = 0, schedule: str = "cosine"
 ) -> optax.Schedule:
@@ -100,132 +106,6 @@ def make_optimizer(
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(lr, weight_decay=weight_decay))
     return optax.chain(*parts)
-
-
-TIME_SAMPLINGS = ("uniform", "lognormal")
-LOSS_WEIGHTINGS = ("none", "min_snr", "likelihood")
-DSM_OPTIONS = ("time_sampling", "noise_mean", "noise_std", "weighting", "min_snr_gamma")  # of dsm_terms
-
-
-def stratified_uniform(key, batch_size: int):
-    """Stratified uniforms ``frac(u + i / B)`` for ``i < B`` with one ``u ~ U[0, 1)``: ``(B,)``."""
-    u = jax.random.uniform(key, ())
-    return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
-
-
-def antithetic_times(key, batch_size: int, t_min: float):
-    """Stratified diffusion times ``t_min + (1 - t_min) frac(u + i / B)`` for ``i < B``: ``(B,)``."""
-    return t_min + (1.0 - t_min) * stratified_uniform(key, batch_size)
-
-
-def lognormal_times(key, batch_size: int, sde: VPSDE, t_min: float, *, mean: float = -1.2, std: float = 1.2):
-    """Diffusion times whose noise level ``sigma_t / alpha_t`` is log-normal (EDM, Karras et al. 2022:
-    ``log sigma ~ N(mean, std^2)``, stratified like :func:`antithetic_times`), mapped to ``t`` through
-    the exact inverse of the schedule (``log SNR = -2 log sigma``) and clipped to ``[t_min, 1]``: ``(B,)``.
-
-    EDM's defaults (-1.2, 1.2) put the median at ``sigma = 0.30`` (log SNR 2.4): most draws fall
-    where the data's details are decided, far fewer in the almost-pure-noise part of ``[0, 1]``
-    that uniform times favour (half of uniform VP times have log SNR below -2.4)."""
-    u = jnp.clip(stratified_uniform(key, batch_size), 1e-6, 1.0 - 1e-6)
-    log_sigma = mean + std * jax.scipy.special.ndtri(u)
-    return jnp.clip(sde.time_of_log_snr(-2.0 * log_sigma), t_min, 1.0)
-
-
-def loss_weights(sde: VPSDE, t, *, prediction: str, weighting: str = "none", min_snr_gamma: float = 5.0):
-    """Per-row weights ``(B,)`` of the squared error of a ``prediction`` network at times ``t``.
-
-    * ``"none"``: 1 (the plain eps- or v-loss).
-    * ``"min_snr"``: Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma)`` on the x0 error, i.e.
-      ``min(SNR, gamma) / SNR`` on the eps error and ``min(SNR, gamma) / (SNR + 1)`` on the v error.
-    * ``"likelihood"``: score_sde's likelihood weighting ``lambda(t) = g(t)^2`` on the score error
-      (the weighting whose loss bounds the KL divergence, Song et al. 2021 "Maximum likelihood
-      training"): ``g^2 / sigma^2`` on the eps error, ``g^2 alpha^2 / sigma^2`` on the v error
-      (``v_hat - v = (eps_hat - eps) / alpha``). Without importance sampling of the times (as
-      score_sde) the weight spans ~10 at ``t = 1`` to ~1e5 at ``t = 1e-5``.
-    """
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-    if weighting == "none":
-        return jnp.ones_like(t)
-    alpha, sigma = sde.marginal(t)
-    if weighting == "min_snr":
-        snr = (alpha / sigma) ** 2
-        clipped = jnp.minimum(snr, min_snr_gamma)
-        return clipped / snr if prediction == "eps" else clipped / (snr + 1.0)
-    weight = sde.diffusion(t) ** 2 / sigma**2
-    return weight if prediction == "eps" else weight * alpha**2
-
-
-def training_times(key, batch_size: int, sde: VPSDE, t_min: float, *, time_sampling: str = "uniform",
-                   noise_mean: float = -1.2, noise_std: float = 1.2):
-    """The diffusion times of a training batch: :func:`antithetic_times` (``"uniform"``) or
-    :func:`lognormal_times` (``"lognormal"``)."""
-    if time_sampling == "uniform":
-        return antithetic_times(key, batch_size, t_min)
-    if time_sampling == "lognormal":
-        return lognormal_times(key, batch_size, sde, t_min, mean=noise_mean, std=noise_std)
-    raise ValueError(f"unknown time sampling {time_sampling!r}; expected one of {TIME_SAMPLINGS}")
-
-
-def draw_rows(draw: Callable, key, shape: tuple, rows=None):
-    """``draw(key, shape)`` for a batch, or this shard's rows of the global batch's draw.
-
-    With ``rows = (offset, global_batch)`` the draw is made for ``(global_batch, *shape[1:])`` and
-    rows ``offset : offset + shape[0]`` are returned, so the draws of every shard of a sharded
-    batch are those of the whole batch (the result does not depend on the number of devices).
-    """
-    if rows is None:
-        return draw(key, tuple(shape))
-    offset, global_batch = rows
-    return jax.lax.dynamic_slice_in_dim(draw(key, (global_batch,) + tuple(shape[1:])), offset, shape[0])
-
-
-def dsm_terms(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
-              rows=None, time_sampling: str = "uniform", noise_mean: float = -1.2, noise_std: float = 1.2,
-              weighting: str = "none", min_snr_gamma: float = 5.0):
-    """``(sum of weighted squared errors over real entries, number of real entries)`` of :func:`dsm_loss`.
-
-    With ``rows = (offset, global_batch)``, ``x`` holds rows ``offset : offset + len(x)`` of a batch
-    of ``global_batch`` rows, and the diffusion times and noise are those rows of the global
-    batch's draws (:func:`draw_rows`): the terms of every shard sum to the terms of the whole batch.
-    """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    k_t, k_eps = jax.random.split(key)
-    m = mask_or_ones(mask, x)
-    t = draw_rows(lambda k, shape: training_times(k, shape[0], sde, t_min, time_sampling=time_sampling,
-                                                  noise_mean=noise_mean, noise_std=noise_std),
-                  k_t, (x.shape[0],), rows)
-    eps = draw_rows(lambda k, shape: jax.random.normal(k, shape, x.dtype), k_eps, x.shape, rows) * m
-    alpha, sigma = sde.marginal(broadcast_time(t, x))
-    x = x * m
-    x_t = alpha * x + sigma * eps
-    output = apply_batched(model, x_t, t, mask=mask, cond=cond)
-    target = eps if prediction == "eps" else alpha * eps - sigma * x
-    squared = m * (output - target) ** 2
-    if weighting != "none":  # (the unweighted loss keeps its exact arithmetic)
-        squared = squared * broadcast_time(loss_weights(sde, t, prediction=prediction, weighting=weighting,
-                                                        min_snr_gamma=min_snr_gamma), x)
-    return jnp.sum(squared), jnp.sum(m)
-
-
-def dsm_loss(model, sde: VPSDE, x, key, *, mask=None, cond=None, prediction: str = "eps", t_min: float = 1e-5,
-             **options):
-    """Denoising score-matching loss of a noise- or v-prediction network, averaged over real entries.
-
-    ``x_t = alpha_t x + sigma_t eps`` with ``t`` stratified in ``[t_min, 1]`` (or log-normal noise
-    levels, ``time_sampling="lognormal"``, :func:`training_times`); the target is ``eps``
-    (``prediction="eps"``) or ``v = alpha_t eps - sigma_t x`` (``"v"``), each row's squared error
-    weighted by :func:`loss_weights` (``weighting``, default none). Padded entries (``mask == 0``)
-    are zero in ``x_t`` and excluded from the mean.
-
-    Args:
-      x: clean data ``(B, ...)``; mask: ``(B, N)`` or broadcastable; cond: ``(B, C)`` or None.
-      options: ``time_sampling``, ``noise_mean``, ``noise_std``, ``weighting``, ``min_snr_gamma``
-        (:func:`dsm_terms`).
-    """
-    total, count = dsm_terms(model, sde, x, key, mask=mask, cond=cond, prediction=prediction, t_min=t_min, **options)
-    return total / jnp.maximum(count, 1.0)
 
 
 def sharded_terms_and_grads(terms_fn: Callable, model, batch, key, mesh, constants=None):
@@ -267,13 +147,14 @@ def sharded_terms_and_grads(terms_fn: Callable, model, batch, key, mesh, constan
 def sharded_loss_and_grads(model, sde: VPSDE, batch, key, mesh, *, prediction: str, t_min: float, **options):
     """``(loss, grads)`` of :func:`dsm_loss` over a batch sharded along ``mesh``'s ``"data"`` axis
     (:func:`sharded_terms_and_grads` of :func:`dsm_terms`; ``options`` as :func:`dsm_loss`)."""
-    return sharded_terms_and_grads(_dsm_batch_terms(sde, prediction, t_min, options), model, batch, key, mesh)
+    settings = loss_settings(prediction=prediction, t_min=t_min, **options)
+    return sharded_terms_and_grads(_dsm_batch_terms(sde, settings), model, batch, key, mesh)
 
 
-def _dsm_batch_terms(sde: VPSDE, prediction: str, t_min: float, options: dict):
+def _dsm_batch_terms(sde: VPSDE, settings: LossSettings):
     def terms(model, batch, key, rows, constants):
-        return dsm_terms(model, sde, batch["x"], key, mask=batch.get("mask"), cond=batch.get("cond"),
-                         prediction=prediction, t_min=t_min, rows=rows, **options)
+        return dsm_terms(model, sde, batch["x"], key, settings, mask=batch.get("mask"), cond=batch.get("cond"),
+                         rows=rows)
 
     return terms
 
@@ -353,13 +234,16 @@ def make_train_step(
     t_min: float = 1e-5,
     mesh=None,
     ema_warmup: bool = False,
+    loss: LossSettings | None = None,
     **options,
 ):
     """Build the jitted pure denoising-score-matching step ``(state, batch) -> (state, metrics)``.
 
-    ``options`` are the loss's noise-level sampling and weighting (``time_sampling``,
-    ``noise_mean``, ``noise_std``, ``weighting``, ``min_snr_gamma``; :func:`dsm_terms`);
-    ``ema_warmup`` ramps the EMA decay up from 0.1 (:func:`ema_decay_at`).
+    The loss is :func:`dsm_loss` with ``loss`` (a :class:`LossSettings`, e.g.
+    ``TrainSettings.loss``), or else with ``prediction``, ``t_min`` and ``options`` (the other
+    fields of :class:`LossSettings`: ``time_sampling``, ``noise_mean``, ``noise_std``,
+    ``weighting``, ``min_snr_gamma``); ``ema_warmup`` ramps the EMA decay up from 0.1
+    (:func:`ema_decay_at`).
 
     ``batch`` is a dict with ``"x"`` and optionally ``"mask"`` and ``"cond"``. With a ``mesh`` of
     several devices the batch arrives sharded along ``"data"``, each device differentiates its own
@@ -370,11 +254,92 @@ def make_train_step(
     passing it in. The batch is not donated. ``step.lower(state, batch)`` lowers it (e.g. for
     XLA's memory analysis).
     """
-    unknown = sorted(set(options) - set(DSM_OPTIONS))
-    if unknown:
-        raise TypeError(f"make_train_step: unknown loss option(s) {unknown}; expected some of {DSM_OPTIONS}")
-    return make_step(_dsm_batch_terms(sde, prediction, t_min, options), optimizer, ema_decay=ema_decay, mesh=mesh,
-                     ema_warmup=ema_warmup)
+    if loss is None:
+        loss = loss_settings(prediction=prediction, t_min=t_min, **options)
+    elif options:
+        raise TypeError(f"make_train_step: pass the loss options {sorted(options)} inside loss=LossSettings(...)")
+    return make_step(_dsm_batch_terms(sde, loss), optimizer, ema_decay=ema_decay, mesh=mesh, ema_warmup=ema_warmup)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """One training section as typed, checked data: the optimiser, the EMA, the loss and the
+    checkpoint cadence, from config validation (:func:`fpcd.config.validate_train`) down to the
+    loss (:attr:`loss`, :func:`make_train_step`).
+
+    The fields are those of a config training section (:func:`fpcd.config.train_section`, built
+    from this class's defaults): ``--config.<section>.<field>=...`` overrides one of them.
+    :meth:`from_config` reads a section; :meth:`to_config` writes one.
+    """
+
+    num_steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    grad_clip: float = 1.0  # 0: no clipping
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = False
+    prediction: str = "v"
+    t_min: float = 1e-5
+    time_sampling: str = "uniform"
+    noise_mean: float = -1.2
+    noise_std: float = 1.2
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    log_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.schedule not in LEARNING_RATE_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; "
+                             f"expected one of {LEARNING_RATE_SCHEDULES}")
+        self.loss  # checks the loss's fields
+
+    @classmethod
+    def from_config(cls, section) -> "TrainSettings":
+        """The settings of a config section (a ``ConfigDict`` or mapping with every field; a
+        missing or unknown field is a :class:`KeyError` naming it), with Python types."""
+        values = dict(section.items())
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in values]
+        unknown = sorted(set(values) - set(names))
+        if missing or unknown:
+            raise KeyError(f"training section: missing field(s) {missing}, unknown field(s) {unknown}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        cast = {"int": int, "float": float, "bool": bool, "str": str}
+        return cls(**{n: cast[types[n]](values[n]) for n in names})
+
+    def to_config(self):
+        """This section as an ``ml_collections.ConfigDict`` (field order as declared)."""
+        import ml_collections
+
+        return ml_collections.ConfigDict(dataclasses.asdict(self))
+
+    @property
+    def loss(self) -> LossSettings:
+        """The loss's settings (:func:`dsm_loss`)."""
+        return LossSettings(prediction=self.prediction, t_min=self.t_min, time_sampling=self.time_sampling,
+                            noise_mean=self.noise_mean, noise_std=self.noise_std, weighting=self.loss_weighting,
+                            min_snr_gamma=self.min_snr_gamma)
+
+    def schedule_fn(self) -> optax.Schedule:
+        """The learning rate by step (:func:`learning_rate_schedule`)."""
+        return learning_rate_schedule(learning_rate=self.learning_rate, num_steps=self.num_steps,
+                                      warmup_steps=self.warmup_steps, schedule=self.schedule)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optimiser (:func:`make_optimizer`; ``grad_clip = 0`` disables clipping)."""
+        return make_optimizer(learning_rate=self.learning_rate, num_steps=self.num_steps,
+                              warmup_steps=self.warmup_steps, schedule=self.schedule,
+                              grad_clip=self.grad_clip or None, weight_decay=self.weight_decay)
+
+    def train_step(self, sde: VPSDE, mesh=None) -> "StateDonatingStep":
+        """:func:`make_train_step` of these settings (with :meth:`optimizer`)."""
+        return make_train_step(sde, self.optimizer(), loss=self.loss, ema_decay=self.ema_decay,
+                               ema_warmup=self.ema_warmup, mesh=mesh)
 
 
 class StateDonatingStep:

@@ -358,7 +358,6 @@ def test_batch_must_divide_across_devices():
 def test_the_train_step_uses_the_configured_noise_levels_and_weighting():
     """The runner hands a training section's levers to the step: its first loss is the DSM loss of
     the initial model with those options on the step's key, and differs from the plain loss."""
-    from fpcd.config import loss_options
     from fpcd.train import dsm_loss
 
     cfg = gmm_config.get_config("tiny")
@@ -371,7 +370,8 @@ def test_the_train_step_uses_the_configured_noise_levels_and_weighting():
     state, step_fn = make_stage_state(stage, experiment.sde, data_mesh(jax.devices()[:1]))
     batch = jax.tree_util.tree_map(jnp.asarray, stage.batch(0, slice(None)))
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), 0)
-    options = {k: v for k, v in loss_options(cfg.train).items() if k != "ema_warmup"}
+    options = {"weighting": "min_snr", "min_snr_gamma": 2.0, "time_sampling": "lognormal", "noise_mean": -0.5,
+               "noise_std": 0.7}
     expected = dsm_loss(stage.model, experiment.sde, batch["x"], key, prediction=cfg.train.prediction,
                         t_min=cfg.train.t_min, **options)
     plain = dsm_loss(stage.model, experiment.sde, batch["x"], key, prediction=cfg.train.prediction,

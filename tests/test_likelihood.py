@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CountingScore, nan_score, re_shape
 from fpcd.data.gmm import ExactScore
-from fpcd.likelihood import exact_divergence, log_likelihood
+from fpcd.likelihood import LIKELIHOOD_DEFAULTS, check_likelihood_options, exact_divergence, log_likelihood
 from fpcd.ode import NonFiniteStateError
 
 T_MIN = 1e-5
@@ -219,6 +219,32 @@ def test_likelihood_errors(exact_score, sde):
         log_likelihood(exact_score, sde, x, divergence="skilling")
     with pytest.raises(ValueError, match="unknown probe"):
         log_likelihood(exact_score, sde, x, key=jax.random.key(0), divergence="hutchinson", probe="uniform")
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"divergence": "skilling"}, "unknown divergence 'skilling'"),
+    ({"probe": "uniform"}, "unknown probe 'uniform'"),
+    ({"rtol": 0.0}, "rtol must be a positive number"),
+    ({"atol": float("nan")}, "atol must be a positive number"),
+    ({"dt0": -0.1}, "dt0 must be a positive number"),
+    ({"t_min": 1.0}, r"t_min must lie in \(0, 1\)"),
+    ({"max_steps": 0}, "max_steps must be a positive integer"),
+    ({"tolerance": 1e-3}, r"unknown likelihood option\(s\) \['tolerance'\]"),
+])
+def test_likelihood_options_have_one_check(exact_score, sde, options, match):
+    """check_likelihood_options refuses each bad option naming it, and log_likelihood refuses the
+    same options with the same message (it calls the check)."""
+    with pytest.raises(ValueError, match=match):
+        check_likelihood_options(**options)
+    if "tolerance" not in options:
+        with pytest.raises(ValueError, match=match):
+            log_likelihood(exact_score, sde, jnp.zeros((2, 2)), key=jax.random.key(0), **options)
+
+
+def test_likelihood_options_come_back_with_defaults_as_python_numbers():
+    checked = check_likelihood_options(rtol=np.float32(1e-3), max_steps=np.int64(50), t_min=jnp.asarray(1e-4))
+    assert checked == {**LIKELIHOOD_DEFAULTS, "rtol": pytest.approx(1e-3), "max_steps": 50, "t_min": pytest.approx(1e-4)}
+    assert type(checked["rtol"]) is float and type(checked["max_steps"]) is int and type(checked["t_min"]) is float
 
 
 def test_likelihood_stops_at_once_when_the_score_turns_nan(exact_score, sde, mixture):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import nan_score
-from fpcd.ode import NonFiniteStateError, solve_dopri5
+from fpcd.ode import NonFiniteStateError, check_solver_options, solve_dopri5
 from fpcd.sampling import sample
 
 
@@ -54,3 +54,23 @@ def test_ode_sampler_stops_when_the_step_size_collapses(sde):
     assert not isinstance(info.value, NonFiniteStateError)
     assert int(re.search(r"; (\d+) steps", str(info.value)).group(1)) < 50, str(info.value)
 
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"rtol": 0.0}, "rtol must be a positive number"),
+    ({"atol": float("inf")}, "atol must be a positive number"),
+    ({"dt0": -1e-2}, "dt0 must be a positive number"),
+    ({"max_steps": 2.5}, "max_steps must be a positive integer"),
+    ({"max_steps": True}, "max_steps must be a positive integer"),
+])
+def test_solver_options_are_checked_before_the_solve(options, match):
+    """solve_dopri5 refuses a bad concrete option with check_solver_options' message; traced
+    tolerances pass unchecked (they cannot be read)."""
+    merged = {"rtol": 1e-3, "atol": 1e-3, "dt0": 0.01, "max_steps": 10, **options}
+    with pytest.raises(ValueError, match=match):
+        check_solver_options(**merged)
+    with pytest.raises(ValueError, match=match):
+        solve_dopri5(lambda t, y, args: -y, jnp.ones((2, 2)), t0=0.0, t1=1.0, **merged)
+    y1, _ = jax.jit(lambda r: solve_dopri5(lambda t, y, args: -y, jnp.ones((2, 2)), t0=0.0, t1=1.0, rtol=r,
+                                           atol=1e-6, max_steps=100))(1e-6)
+    np.testing.assert_allclose(y1, np.exp(-1.0), rtol=1e-4)

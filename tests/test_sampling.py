@@ -16,7 +16,7 @@ from conftest import CountingScore, REPO, truth_floor
 from fpcd.config import ConfigError, check_run_name
 from fpcd.data.gmm import ExactScore, GaussianMixture
 from fpcd.metrics import w1_per_dimension
-from fpcd.sampling import nfe_of, sample
+from fpcd.sampling import check_sampler_options, nfe_of, sample
 from fpcd.sde import VPSDE
 
 NUM = 10_000
@@ -227,6 +227,24 @@ def test_sampling_is_deterministic_per_key(exact_score, sde):
 def test_bad_sampler_arguments_raise_clear_errors(exact_score, sde, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample(exact_score, sde, jax.random.key(0), (4, 2), **kwargs)
+
+
+def test_sampler_options_have_one_check():
+    """The check that sample() runs is the public one, and the configs' sampling.runs check reports
+    its message under the run's name."""
+    import ml_collections
+
+    from fpcd.config import validate_sampling
+
+    assert check_sampler_options("ode", {"rtol": np.float32(1e-3), "max_steps": np.int64(7)}) == {
+        "rtol": pytest.approx(1e-3), "atol": 1e-5, "dt0": 0.01, "max_steps": 7, "t_min": 1e-3}
+    assert check_sampler_options("pc", {"steps": np.int32(4)})["steps"] == 4
+    with pytest.raises(ValueError, match="sampling option dt0 must be a positive number, got 0.0"):
+        check_sampler_options("ode", {"dt0": 0.0})
+    cfg = ml_collections.ConfigDict({"sampling": {"num_samples": 8, "batch_size": 8,
+                                                  "runs": {"fast": {"method": "ode", "dt0": 0.0}}}})
+    with pytest.raises(ConfigError, match="config.sampling.runs.fast: sampling option dt0 must be a positive number"):
+        validate_sampling(cfg)
 
 
 def test_mask_of_wrong_shape_is_rejected(exact_score, sde):

@@ -10,16 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import ndtri
 
 from conftest import OracleNet
 from fpcd.checkpoint import Checkpointer
 from fpcd.data.gmm import ExactScore
-from fpcd.nets import ResMLP, SetTransformer, score_fn_from
-from fpcd.sde import VPSDE
+from fpcd.nets import ResMLP, score_fn_from
 from fpcd.train import (
-    NonFiniteLossError, antithetic_times, apply_gradients, batch_indices, dsm_loss, ema_decay_at, fit,
-    init_train_state, lognormal_times, loss_weights, make_optimizer, make_train_step, training_times,
+    NonFiniteLossError, TrainSettings, apply_gradients, batch_indices, copy_arrays, dsm_loss, ema_decay_at, fit,
+    init_train_state, make_optimizer, make_train_step,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +33,7 @@ def _score_error(score_fn, exact, sde, x0, t):
     return float(diff.mean() / (jnp.sum(exact(xt, tb) ** 2, -1) * sigma**2).mean())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_training_lowers_loss_and_learns_the_exact_score(mixture, sde, prediction):
     data = np.asarray(mixture.sample(jax.random.key(0), 8192), np.float32)
@@ -62,16 +61,6 @@ def test_training_lowers_loss_and_learns_the_exact_score(mixture, sde, predictio
     for t in (0.1, 0.5):
         after = _score_error(learned, exact, sde, x0, t)
         assert after < 0.1 and after < 0.2 * before[t], (t, before[t], after)
-
-
-def test_masked_loss_ignores_padding(sde):
-    model = SetTransformer(2, width=16, depth=1, num_heads=2, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (4, 5, 2))
-    mask = jnp.asarray(np.arange(5)[None, :] < np.array([[5], [3], [1], [4]]), jnp.float32)
-    loss = dsm_loss(model, sde, x, jax.random.key(2), mask=mask)
-    garbage = x + (1.0 - mask[..., None]) * 100.0
-    assert float(dsm_loss(model, sde, garbage, jax.random.key(2), mask=mask)) == pytest.approx(float(loss), rel=1e-6)
-    assert float(dsm_loss(model, sde, x, jax.random.key(2))) != pytest.approx(float(loss), rel=1e-3)
 
 
 def test_batch_indices_depend_only_on_seed_and_step():
@@ -122,6 +111,7 @@ def _final(workdir):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_bit_identically(tmp_path):
     uninterrupted, killed = tmp_path / "a", tmp_path / "b"
     _run_worker([uninterrupted, 40])
@@ -136,6 +126,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.e2e
 def test_four_devices_train_like_one(tmp_path):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     one = _run_worker([tmp_path / "one", 30, "--devices", 1, "--no-checkpoints"], env)
@@ -155,76 +146,7 @@ def test_four_devices_train_like_one(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-# --- the loss's levers: noise-level sampling, loss weighting, EMA warm-up ---------------------------
-
-
-def test_lognormal_times_give_lognormal_noise_levels(sde):
-    """The noise level sigma_t / alpha_t = exp(-log SNR / 2) of the drawn times is N(mean, std^2) in
-    its log: the stratified draw of 20,000 times matches the normal quantiles (a mapping through a
-    wrong log SNR, e.g. -log sigma instead of -2 log sigma, halves the spread and fails)."""
-    t = np.asarray(lognormal_times(jax.random.key(0), 20_000, sde, 1e-5, mean=-0.5, std=0.8), np.float64)
-    assert t.min() >= 1e-5 and t.max() <= 1.0
-    log_sigma = np.sort(-0.5 * np.asarray(sde.log_snr(jnp.asarray(t)), np.float64))
-    expected = -0.5 + 0.8 * ndtri((np.arange(20_000) + 0.5) / 20_000)
-    inner = slice(200, -200)  # away from float32 rounding of t at the extremes
-    np.testing.assert_allclose(log_sigma[inner], expected[inner], atol=0.02)
-    assert abs(log_sigma.mean() + 0.5) < 0.01 and abs(log_sigma.std() - 0.8) < 0.01
-    uniform = np.asarray(training_times(jax.random.key(0), 8, sde, 1e-5), np.float64)
-    np.testing.assert_allclose(uniform, antithetic_times(jax.random.key(0), 8, 1e-5))
-    with pytest.raises(ValueError, match="unknown time sampling 'logit'"):
-        training_times(jax.random.key(0), 8, sde, 1e-5, time_sampling="logit")
-
-
-def test_loss_weights_match_their_definitions(sde):
-    t = jnp.asarray([0.02, 0.1, 0.3, 0.9])
-    alpha, sigma = (np.asarray(a, np.float64) for a in sde.marginal(t))
-    snr = alpha**2 / sigma**2
-    assert snr[0] > 5.0 > snr[2]  # both branches of min(SNR, gamma)
-    np.testing.assert_allclose(loss_weights(sde, t, prediction="eps", weighting="min_snr", min_snr_gamma=5.0),
-                               np.minimum(snr, 5.0) / snr, rtol=1e-5)
-    np.testing.assert_allclose(loss_weights(sde, t, prediction="v", weighting="min_snr", min_snr_gamma=5.0),
-                               np.minimum(snr, 5.0) / (snr + 1.0), rtol=1e-5)
-    beta = 0.1 + np.asarray(t) * 19.9
-    np.testing.assert_allclose(loss_weights(sde, t, prediction="eps", weighting="likelihood"), beta / sigma**2,
-                               rtol=1e-5)
-    np.testing.assert_array_equal(loss_weights(sde, t, prediction="v", weighting="none"), np.ones(4))
-    with pytest.raises(ValueError, match="unknown loss weighting"):
-        loss_weights(sde, t, prediction="v", weighting="snr")
-
-
-class _LinearNet(eqx.Module):
-    """A cheap per-example network of (x, t)."""
-
-    linear: eqx.nn.Linear
-
-    def __call__(self, x, t, cond=None):
-        return self.linear(jnp.concatenate([x, jnp.reshape(t, (1,))]))
-
-
-class _EpsFromV(eqx.Module):
-    """A v-prediction network seen as an eps-prediction one: eps = alpha v + sigma x_t."""
-
-    net: _LinearNet
-    sde: VPSDE
-
-    def __call__(self, x, t, cond=None):
-        alpha, sigma = self.sde.marginal(t)
-        return alpha * self.net(x, t) + sigma * x
-
-
-@pytest.mark.parametrize("weighting, time_sampling", [("min_snr", "lognormal"), ("likelihood", "uniform")])
-def test_weighted_losses_are_the_same_objective_for_eps_and_v_networks(sde, weighting, time_sampling):
-    """A weighting is a weight on the score error: the weighted v-loss of a network equals the
-    weighted eps-loss of the same network written as an eps-predictor (the v weight carries the
-    alpha^2 of v_hat - v = (eps_hat - eps) / alpha). A v weight without that factor fails."""
-    net = _LinearNet(eqx.nn.Linear(4, 3, key=jax.random.key(0)))
-    x = jax.random.normal(jax.random.key(1), (64, 3))
-    options = {"weighting": weighting, "time_sampling": time_sampling}
-    as_v = dsm_loss(net, sde, x, jax.random.key(2), prediction="v", **options)
-    as_eps = dsm_loss(_EpsFromV(net, sde), sde, x, jax.random.key(2), prediction="eps", **options)
-    assert float(as_v) == pytest.approx(float(as_eps), rel=2e-4)
-    plain = dsm_loss(net, sde, x, jax.random.key(2), prediction="v", time_sampling=time_sampling)
-    assert float(plain) != pytest.approx(float(as_v), rel=1e-2)
+# --- EMA warm-up and the training settings -------------------------------------------------------
 
 
 def test_ema_warmup_ramps_the_decay():
@@ -240,3 +162,65 @@ def test_ema_warmup_ramps_the_decay():
     old, new, ema = (np.asarray(jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_inexact_array))[0])
                      for m in (state.model, stepped.model, stepped.ema_model))
     np.testing.assert_allclose(ema, 0.1 * old + 0.9 * new, rtol=1e-5, atol=1e-7)
+
+
+def test_train_settings_read_and_write_a_config_section():
+    """A training section and its TrainSettings are the same data: the round trip keeps every field
+    and its type, the loss's settings carry the section's levers, and a section with an unknown or
+    a missing field is refused naming it."""
+    import ml_collections
+
+    from fpcd.config import train_section, validate_train
+    from fpcd.errors import ConfigError
+
+    section = train_section(num_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=4, checkpoint_every=20,
+                            loss_weighting="min_snr", min_snr_gamma=2.0, time_sampling="lognormal", ema_warmup=True)
+    settings = TrainSettings.from_config(section)
+    assert settings.to_config().to_dict() == section.to_dict()
+    assert list(settings.to_config().keys()) == list(section.keys())
+    assert (settings.loss.weighting, settings.loss.min_snr_gamma, settings.loss.time_sampling,
+            settings.loss.prediction) == ("min_snr", 2.0, "lognormal", "v")
+    cfg = ml_collections.ConfigDict({"train": section})
+    assert validate_train(cfg) == settings
+    with cfg.unlocked():
+        cfg.train.loss_weight = 1.0
+    with pytest.raises(ConfigError, match=r"config.train has unknown field\(s\) \['loss_weight'\]"):
+        validate_train(cfg)
+    with pytest.raises(KeyError, match=r"missing field\(s\) \['keep_checkpoints'\]"):
+        TrainSettings.from_config({k: v for k, v in section.items() if k != "keep_checkpoints"})
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        TrainSettings(num_steps=1, batch_size=1, learning_rate=1e-3, schedule="linear")
+    with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
+        TrainSettings(num_steps=1, batch_size=1, learning_rate=1e-3, loss_weighting="snr")
+
+
+def test_train_settings_step_is_the_step_of_its_fields(sde):
+    """TrainSettings.train_step trains as make_train_step with make_optimizer of the same fields:
+    two steps (the second after the scheduled learning rate and the EMA warm-up acted) give the
+    same losses and the same parameters."""
+    settings = TrainSettings(num_steps=20, batch_size=16, learning_rate=5e-3, warmup_steps=1, grad_clip=0.5,
+                             weight_decay=1e-2, ema_decay=0.99, ema_warmup=True, prediction="eps", t_min=1e-3,
+                             time_sampling="lognormal", noise_mean=-0.4, noise_std=0.8, loss_weighting="min_snr",
+                             min_snr_gamma=2.0)
+    model = ResMLP(2, width=16, depth=1, key=jax.random.key(0))
+    batch = {"x": jax.random.normal(jax.random.key(1), (16, 2))}
+    optimizer = make_optimizer(learning_rate=5e-3, num_steps=20, warmup_steps=1, grad_clip=0.5, weight_decay=1e-2)
+    by_hand = make_train_step(sde, optimizer, prediction="eps", ema_decay=0.99, t_min=1e-3, ema_warmup=True,
+                              time_sampling="lognormal", noise_mean=-0.4, noise_std=0.8, weighting="min_snr",
+                              min_snr_gamma=2.0)
+    states, losses = [], []
+    for step_fn, opt in ((settings.train_step(sde), settings.optimizer()), (by_hand, optimizer)):
+        state = init_train_state(copy_arrays(model), opt, jax.random.key(2))  # (the step donates it)
+        run = []
+        for _ in range(2):
+            state, metrics = step_fn(state, batch)
+            run.append(float(metrics["loss"]))
+        states.append(state)
+        losses.append(run)
+    assert losses[0] == losses[1]
+    for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(states[0].ema_model, eqx.is_array)),
+                    jax.tree_util.tree_leaves(eqx.filter(states[1].ema_model, eqx.is_array))):
+        np.testing.assert_array_equal(a, b)
+    plain = make_train_step(sde, optimizer, prediction="eps", ema_decay=0.99, t_min=1e-3)
+    _, metrics = plain(init_train_state(copy_arrays(model), optimizer, jax.random.key(2)), batch)
+    assert float(metrics["loss"]) != pytest.approx(losses[0][0], rel=1e-3)

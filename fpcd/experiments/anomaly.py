@@ -46,7 +46,7 @@ from fpcd.data.jetnet import JetDataError, JetSet
 from fpcd.experiments.anomaly_evaluation import AnomalyEvaluation
 from fpcd.experiments.jets import NUM_JET_FEATURES, NUM_PARTICLE_FEATURES, JetsExperiment, validate_jet_data
 from fpcd.experiments.two_stage import array_stage, resmlp_from, set_transformer_from, split
-from fpcd.likelihood import DIVERGENCES, log_likelihood
+from fpcd.likelihood import check_likelihood_options, log_likelihood
 from fpcd.nets import score_fn_from
 from fpcd.runner import Experiment, batch_placement, main_process_first, run_batched
 
@@ -168,14 +168,10 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
                 raise ConfigError(f"config.{field}: unknown option(s) {unknown}; a likelihood run takes "
                                   f"{sorted(RUN_OPTIONS)}")
             options = run_options(dict(run))
-            if options["divergence"] not in DIVERGENCES:
-                raise ConfigError(f"config.{field}.divergence must be one of {DIVERGENCES}, got "
-                                  f"{options['divergence']!r}")
-            for key in ("rtol", "atol"):
-                if not (isinstance(options[key], (int, float)) and 0.0 < options[key] < 1.0):
-                    raise ConfigError(f"config.{field}.{key} must lie in (0, 1), got {options[key]!r}")
-            if not (isinstance(options["t_min"], float) and 0.0 < options["t_min"] < 0.1):
-                raise ConfigError(f"config.{field}.t_min must lie in (0, 0.1), got {options['t_min']!r}")
+            try:
+                check_likelihood_options(**{k: options[k] for k in ("divergence", "rtol", "atol", "t_min")})
+            except ValueError as err:
+                raise ConfigError(f"config.{field}: {err}") from None
             for key, minimum in (("probes", 1), ("num_jets", 0)):
                 if not isinstance(options[key], int) or isinstance(options[key], bool) or options[key] < minimum:
                     raise ConfigError(f"config.{field}.{key} must be an integer >= {minimum}, got {options[key]!r}")

@@ -13,7 +13,6 @@ import os
 import re
 
 import jax
-import ml_collections
 
 from fpcd.checkpoint import Checkpointer
 from fpcd.config import DISTILL_OPTIMISATION_FIELDS, student_steps
@@ -41,11 +40,11 @@ def student_stage(experiment: Experiment, stage: Stage, steps: int, teacher_mode
     training batches and batch size, the optimisation fields of ``config.distill``, the stage's
     parametrisation; its key is ``fold_in(stage.key, steps)``."""
     d = experiment.cfg.distill
-    train = {**stage.train.to_dict(), **{field: d[field] for field in DISTILL_OPTIMISATION_FIELDS}}
+    train = dataclasses.replace(stage.train, **{field: d[field] for field in DISTILL_OPTIMISATION_FIELDS})
     provenance = experiment.TRAIN_SECTIONS + tuple(f"distill.{f}" for f in ("teacher_steps", "t_min",
                                                                             *DISTILL_OPTIMISATION_FIELDS)
                                                    if f not in ("log_every", "checkpoint_every", "keep_checkpoints"))
-    return dataclasses.replace(stage, name=student_name(stage.name, steps), train=ml_collections.ConfigDict(train),
+    return dataclasses.replace(stage, name=student_name(stage.name, steps), train=train,
                                key=jax.random.fold_in(stage.key, steps), probe_batch=None,
                                teacher=Teacher(teacher_model, int(steps), float(d.t_min), provenance))
 

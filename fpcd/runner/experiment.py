@@ -22,6 +22,7 @@ from fpcd.config import require_strings, validate_common
 from fpcd.errors import ConfigError
 from fpcd.runner.processes import is_main_process
 from fpcd.sde import VPSDE
+from fpcd.train import TrainSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Stage:
     Attributes:
       name: the stage's name (checkpoint directory, log rows, ``models[name]``).
       model: a freshly initialised model (the template of its checkpoints).
-      train: the config section of its training (``config.train`` or another of the same fields).
+      train: its training settings, a :class:`fpcd.train.TrainSettings` (a config section of the
+        same fields, e.g. ``config.train_set``, is read into one).
       key: PRNG key of its train state.
       batch: ``(step, rows) -> dict of host arrays``: the rows ``rows`` (a slice of the global
         batch of ``train.batch_size``) of the training batch at ``step``; must depend only on
@@ -63,11 +65,15 @@ class Stage:
 
     name: str
     model: eqx.Module
-    train: Any
+    train: TrainSettings
     key: jax.Array
     batch: Callable[[int, slice], dict]
     probe_batch: Callable[[slice], dict] | None = None
     teacher: Teacher | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.train, TrainSettings):
+            object.__setattr__(self, "train", TrainSettings.from_config(self.train))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ import time
 from typing import Any, Mapping
 
 from fpcd.checkpoint import Checkpointer
-from fpcd.config import loss_options
 from fpcd.distill import init_student_state, make_distill_step
 from fpcd.errors import ConfigError
 from fpcd.io import DiskFullError, atomic_write, is_disk_full, write_json
@@ -20,7 +19,7 @@ from fpcd.runner.experiment import Experiment, Stage
 from fpcd.runner.processes import is_main_process, process_rows, say
 from fpcd.runner.workdir import checkpoint_dir, config_differences, read_json
 from fpcd.sde import VPSDE
-from fpcd.train import fit, init_train_state, learning_rate_schedule, make_optimizer, make_train_step
+from fpcd.train import fit, init_train_state
 
 TRAIN_LOG_FILE = "train_log.jsonl"
 TRAIN_INFO_FILE = "train_info.json"
@@ -37,22 +36,15 @@ def check_batch_sizes(experiment: Experiment, data) -> None:
                               f"it draws from; lower config.{section}.batch_size or use more training data")
 
 
-def _optimizer_options(train_cfg) -> dict:
-    return {"learning_rate": train_cfg.learning_rate, "num_steps": train_cfg.num_steps,
-            "warmup_steps": train_cfg.warmup_steps, "schedule": train_cfg.schedule}
-
-
 def make_stage_state(stage: Stage, sde: VPSDE, mesh):
     """(fresh train state replicated on ``mesh``, jitted train step) of ``stage``: the denoising
-    score-matching step, or for a student (``stage.teacher``) the distillation step, whose state
-    starts as a copy of the teacher."""
+    score-matching step of its :class:`~fpcd.train.TrainSettings`, or for a student
+    (``stage.teacher``) the distillation step, whose state starts as a copy of the teacher."""
     t = stage.train
-    optimizer = make_optimizer(**_optimizer_options(t), grad_clip=t.grad_clip or None, weight_decay=t.weight_decay)
+    optimizer = t.optimizer()
     if stage.teacher is None:
         state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
-        step_fn = make_train_step(sde, optimizer, prediction=t.prediction, ema_decay=t.ema_decay, t_min=t.t_min,
-                                  mesh=mesh, **loss_options(t))
-        return state, step_fn
+        return state, t.train_step(sde, mesh)
     teacher = stage.teacher
     state = replicate(init_student_state(teacher.model, optimizer, stage.key), mesh)
     step_fn = make_distill_step(sde, optimizer, replicate(teacher.model, mesh), steps=teacher.student_steps,
@@ -157,7 +149,7 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
     """
     state, step_fn = make_stage_state(stage, sde, mesh)
     rows = process_rows(mesh, stage.train.batch_size)
-    schedule = learning_rate_schedule(**_optimizer_options(stage.train))
+    schedule = stage.train.schedule_fn()
 
     def batch_fn(step):
         return shard_batch(stage.batch(step, rows), mesh)
