@@ -21,7 +21,7 @@ VARIANTS = ("image", "full", "tiny")
 
 def _train(*args, ema_decay=0.999, ema_warmup=True, **kwargs):
     """A training section; EMA 0.999 with warm-up (``min(0.999, (1 + n) / (10 + n))``): without the
-    warm-up 0.999 lagged the few-thousand-step CPU runs and 0.995 was used (issue 13's ablation)."""
+    warm-up 0.999 lagged the few-thousand-step CPU runs and 0.995 was used (benchmarks/README.md, "Fidelity levers")."""
     return train_section(*args, ema_decay=ema_decay, ema_warmup=ema_warmup, **kwargs)
 
 
@@ -52,7 +52,7 @@ def get_config(variant: str = ""):
     cfg.sde = ml_collections.ConfigDict({"beta_min": 0.1, "beta_max": 20.0, "schedule": "linear"})
 
     cfg.cluster_model = ml_collections.ConfigDict({"width": 64, "depth": 2, "fourier_scale": 16.0})
-    # layer_embedding: each point's layer through a learned embedding (issue 13: on its own, every
+    # layer_embedding: each point's layer through a learned embedding (benchmarks/README.md: on its own, every
     # classifier AUC 0.006-0.023 lower). Off for the image preset, whose runs predate it.
     cfg.cell_model = ml_collections.ConfigDict({"width": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2,
                                                 "fourier_scale": 16.0, "layer_embedding": not image})

@@ -37,8 +37,8 @@ def get_config(variant: str = ""):
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.num_samples = 1200  # per type; the floor uses two disjoint test subsets of this size
     cfg.sampling.batch_size = 400
-    # Clip each denoised estimate to the training data's per-feature range (issue 13: took the z
-    # ODE's FPD from 0.55 to 0.14, neutral elsewhere).
+    # Clip each denoised estimate to the training data's per-feature range (benchmarks/README.md,
+    # "Fidelity levers": took the z ODE's FPD from 0.55 to 0.14, neutral elsewhere).
     cfg.sampling.clip_denoised = True
     cfg.sampling.runs = ml_collections.ConfigDict({
         "pc_250": {"method": "pc", "steps": 125, "snr": 0.16},

@@ -3,10 +3,8 @@ its sampling (against a fake sampler that records what it is asked), and the toy
 tests/toy_experiment.py trained, sampled and evaluated end to end through the runner."""
 
 import json
-import types
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -16,6 +14,7 @@ from fpcd.data import buckets
 from fpcd.nets import NetworkScore
 from fpcd.runner import BatchSampler, RunSamples, run_key, train_and_evaluate
 from fpcd.sde import VPSDE
+from fpcd.config import train_section
 from fpcd.train import batch_indices
 from fpcd.parallel import data_mesh
 
@@ -71,7 +70,7 @@ def test_table_cell_is_right_aligned_with_the_given_decimals_and_a_dash_for_none
 
 
 def section(batch_size):
-    return ml_collections.ConfigDict({"batch_size": batch_size})
+    return train_section(num_steps=10, batch_size=batch_size, learning_rate=1e-3, warmup_steps=1, checkpoint_every=5)
 
 
 def test_array_stage_batches_are_the_seeded_rows_of_every_array():
