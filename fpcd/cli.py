@@ -42,16 +42,27 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _PROCESS_INDEX = {"value": None}  # jax.process_index() once JAX is initialised
 
 
-def experiment_classes() -> dict:
-    """``config.experiment`` -> its :class:`fpcd.runner.Experiment` subclass (one literal dict)."""
-    from fpcd.experiments.anomaly import AnomalyExperiment
-    from fpcd.experiments.calo import CaloExperiment
-    from fpcd.experiments.eic import EicExperiment
-    from fpcd.experiments.gmm import GaussianMixtureExperiment
-    from fpcd.experiments.jets import JetsExperiment
+# config.experiment -> (module, class) of its Experiment subclass: the one registry of experiments
+EXPERIMENTS = {
+    "anomaly": ("fpcd.experiments.anomaly", "AnomalyExperiment"),
+    "calo": ("fpcd.experiments.calo", "CaloExperiment"),
+    "eic": ("fpcd.experiments.eic", "EicExperiment"),
+    "gmm": ("fpcd.experiments.gmm", "GaussianMixtureExperiment"),
+    "jetnet": ("fpcd.experiments.jets", "JetsExperiment"),
+}
 
-    return {"anomaly": AnomalyExperiment, "calo": CaloExperiment, "eic": EicExperiment,
-            "gmm": GaussianMixtureExperiment, "jetnet": JetsExperiment}
+
+def experiment_class(name: str):
+    """The :class:`fpcd.runner.Experiment` subclass of ``config.experiment = name`` (only its module
+    is imported); :class:`KeyError` for an unknown name."""
+    module, attribute = EXPERIMENTS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+def experiment_classes() -> dict:
+    """``config.experiment`` -> its :class:`fpcd.runner.Experiment` subclass, for every experiment of
+    :data:`EXPERIMENTS` (imports them all)."""
+    return {name: experiment_class(name) for name in EXPERIMENTS}
 
 
 def _process_index() -> int:
@@ -197,12 +208,11 @@ def main(argv):
     from fpcd.parallel import data_mesh
     from fpcd.runner import expected_error_message, train_and_evaluate
 
-    classes = experiment_classes()
-    if cfg.get("experiment") not in classes:
-        fail(f"config.experiment={cfg.get('experiment')!r} is not one of {sorted(classes)}")
+    if cfg.get("experiment") not in EXPERIMENTS:
+        fail(f"config.experiment={cfg.get('experiment')!r} is not one of {sorted(EXPERIMENTS)}")
     workdir = _WORKDIR.value or os.path.join("runs", cfg.get("name", cfg.experiment))
     try:
-        experiment = classes[cfg.experiment](cfg, progress=_PROGRESS.value)
+        experiment = experiment_class(cfg.experiment)(cfg, progress=_PROGRESS.value)
         train_and_evaluate(experiment, workdir, _MODE.value, data_mesh())
     except Exception as err:  # noqa: BLE001 - an expected error: one message, no traceback; others re-raised
         message = expected_error_message(err, workdir)

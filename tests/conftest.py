@@ -6,15 +6,31 @@ import pathlib
 import subprocess
 import sys
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# The suite compiles far more XLA programs than it runs steps of them, so its CPU programs are built
+# without LLVM's optimisation passes: about 30 % less CPU time per test file, measured; every comparison
+# in the suite is between programs built the same way. FPCD_TEST_XLA_OPTIMISE=1 tests the optimised
+# build instead. The flags reach the pytest-xdist workers and every subprocess (xla_flags).
+TEST_XLA_FLAGS = () if os.environ.get("FPCD_TEST_XLA_OPTIMISE") == "1" else ("--xla_backend_optimization_level=0",)
 
-from fpcd.data.gmm import ExactScore, toy_mixture
-from fpcd.metrics import w1_per_dimension
-from fpcd.sde import VPSDE
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` of a test process: the suite's compile flags and, with ``devices``, that many CPU
+    devices."""
+    return " ".join(TEST_XLA_FLAGS + ((f"--xla_force_host_platform_device_count={devices}",) if devices else ()))
+
+
+_own_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_own_flags + [f for f in TEST_XLA_FLAGS if f not in _own_flags])
+
+import equinox as eqx  # noqa: E402  (after XLA_FLAGS, which XLA reads when JAX starts)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fpcd.data.gmm import ExactScore, toy_mixture  # noqa: E402
+from fpcd.metrics import w1_per_dimension  # noqa: E402
+from fpcd.sde import VPSDE  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -102,12 +118,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _environment(devices: int | None = None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags(devices)
     # The interpreter running the tests (and its environment's scripts) come first on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 

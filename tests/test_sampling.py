@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CountingScore, REPO, truth_floor
+from conftest import CountingScore, REPO, truth_floor, xla_flags
 from fpcd.config import ConfigError, check_run_name
 from fpcd.data.gmm import ExactScore, GaussianMixture
 from fpcd.metrics import w1_per_dimension
@@ -361,7 +361,7 @@ def test_sharded_sampling_on_four_devices_counts_and_matches():
     import sys
 
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "sharded_sampling_worker.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, worker], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -561,7 +561,7 @@ print(json.dumps(out))
 
 def test_sharded_solvers_on_four_devices_count_and_match():
     script = SHARDED_SOLVERS_SCRIPT.format(workers=os.path.join(REPO, "tests", "workers"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=REPO)

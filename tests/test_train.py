@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import OracleNet
+from conftest import OracleNet, xla_flags
 from fpcd.checkpoint import Checkpointer
 from fpcd.data.gmm import ExactScore
 from fpcd.nets import ResMLP, score_fn_from
@@ -128,7 +128,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 
 @pytest.mark.e2e
 def test_four_devices_train_like_one(tmp_path):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     one = _run_worker([tmp_path / "one", 30, "--devices", 1, "--no-checkpoints"], env)
     four = _run_worker([tmp_path / "four", 30, "--devices", 4, "--no-checkpoints"], env)
     assert "batch on 1 devices; params on 1 devices" in one.stdout, one.stdout
