@@ -218,6 +218,7 @@ print("losses", out[1][0][:, 0].tolist())
 """
 
 
+@pytest.mark.e2e
 def test_two_devices_distill_like_one():
     """The sharded step (per-device gradients, one all-reduce, per-row draws of the global batch)
     gives the single-device losses, gradient norms and student: a batch split over devices with

@@ -318,6 +318,7 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_on_four_devices_one_process_feeds_every_row_and_sharded_batches_match_unsharded():
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], capture_output=True, text=True, cwd=REPO,
                           env=_environment(4), timeout=300)

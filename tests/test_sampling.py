@@ -354,6 +354,7 @@ def test_scipy_rk45_baseline_agrees_with_diffrax(exact_score, sde):
     np.testing.assert_allclose(x_sp, x_dfx, atol=2e-3)
 
 
+@pytest.mark.e2e
 def test_sharded_sampling_on_four_devices_counts_and_matches():
     import json
     import os
@@ -559,6 +560,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 def test_sharded_solvers_on_four_devices_count_and_match():
     script = SHARDED_SOLVERS_SCRIPT.format(workers=os.path.join(REPO, "tests", "workers"))
     env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
