@@ -78,6 +78,33 @@ def test_a_workdir_recorded_before_a_field_was_added_is_still_the_same_run(tmp_p
         check_workdir(str(tmp_path), config, ("experiment", "cell_model"), added_later)
 
 
+def test_a_workdir_recorded_before_its_sections_were_renamed_is_still_the_same_run(tmp_path):
+    """``FIELDS_RENAMED``: an EIC run recorded with the old stage sections (``train_event``,
+    ``train``) is the run of the same config under ``train_global``/``train_set``; a different value
+    is named under the new name, and ``train`` does not capture ``train_event``."""
+    from fpcd.experiments.eic import EicExperiment
+    from fpcd.runner.workdir import renamed_fields
+
+    identity = ("experiment", "train_set.prediction", "train_global.prediction")
+    config = {"experiment": "eic", "train_global": {"prediction": "v", "num_steps": 60},
+              "train_set": {"prediction": "v", "num_steps": 60}}
+    old = {"experiment": "eic", "train_event": {"prediction": "v", "num_steps": 30},
+           "train": {"prediction": "v", "num_steps": 30}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    renamed = EicExperiment.FIELDS_RENAMED
+    assert check_workdir(str(tmp_path), config, identity, None, renamed)
+    with pytest.raises(ConfigError, match="different config"):  # without the declaration: another run
+        check_workdir(str(tmp_path), config, identity)
+    config["train_global"]["prediction"] = "eps"
+    with pytest.raises(ConfigError, match="train_global.prediction: 'v' -> 'eps'"):
+        check_workdir(str(tmp_path), config, identity, None, renamed)
+    assert renamed_fields({"train_event.t_min": 1, "train.t_min": 2, "train_events": 3}, renamed) == {
+        "train_global.t_min": 1, "train_set.t_min": 2, "train_events": 3}
+    prepare_workdir(str(tmp_path), {**config, "train_global": {"prediction": "v", "num_steps": 60}}, identity, None,
+                    renamed)
+    assert "train_global" in json.loads((tmp_path / "config.json").read_text())  # rewritten under the new names
+
+
 def test_without_a_declaration_a_field_missing_from_the_saved_config_is_a_difference(tmp_path):
     assert Experiment.FIELDS_ADDED_LATER == {}
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "calo", "cell_model": {"width": 64}}))

@@ -112,6 +112,7 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
     IDENTITY_FIELDS = ("experiment", "seed", "data", "backgrounds", "sde", "jet_model", "particle_model",
                        "train_set.prediction", "train_global.prediction")
     TRAIN_SECTIONS = ("train_global", "train_set")
+    FIELDS_RENAMED = {"train_jet": "train_global", "train": "train_set"}  # the stage sections' old names
 
     # --- config --------------------------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
     IDENTITY_FIELDS = ("experiment", "seed", "representation", "data", "sde", "cluster_model", "cell_model",
                        "image_model", "train_set.prediction", "train_global.prediction")
     FIELDS_ADDED_LATER = {"cell_model.layer_embedding": False}  # runs saved before it had no layer embedding
+    FIELDS_RENAMED = {"train_cluster": "train_global", "train": "train_set"}  # the stage sections' old names
 
     @property
     def stage2(self) -> str:

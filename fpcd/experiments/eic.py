@@ -63,6 +63,7 @@ class EicExperiment(TwoStageExperiment):
     IDENTITY_FIELDS = ("experiment", "seed", "data.path", "data.num_events", "data.q2_min", "data.test_fraction",
                        "data.buckets", "sde", "event_model", "particle_model", "train_set.prediction",
                        "train_global.prediction")
+    FIELDS_RENAMED = {"train_event": "train_global", "train": "train_set"}  # the stage sections' old names
 
     def validate(self, num_devices: int) -> None:
         super().validate(num_devices)

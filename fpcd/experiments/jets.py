@@ -133,6 +133,7 @@ class JetsExperiment(TwoStageExperiment):
     RECORD_MEMORY = False
     IDENTITY_FIELDS = ("experiment", "seed", "data", "sde", "jet_model", "particle_model", "train_set.prediction",
                        "train_global.prediction")
+    FIELDS_RENAMED = {"train_jet": "train_global", "train": "train_set"}  # the stage sections' old names
 
     def validate(self, num_devices: int) -> None:
         super().validate(num_devices)

@@ -78,7 +78,8 @@ def distill(experiment: Experiment, stages, teachers: dict, mesh, workdir: str) 
                 student = student_stage(experiment, stage, steps, teacher)
                 say(f"[distill] {stage.name}, round {r}/{len(rounds)}: DDIM {2 * steps} -> {steps} steps")
                 state, info = train_stage(student, experiment.sde, mesh, workdir, config=cfg.to_dict(), log=log,
-                                          progress=experiment.progress, added_later=experiment.FIELDS_ADDED_LATER)
+                                          progress=experiment.progress, added_later=experiment.FIELDS_ADDED_LATER,
+                                          renamed=experiment.FIELDS_RENAMED)
                 record_training(workdir, student.name, info)
                 teacher = students[steps][stage.name] = state.ema_model
     finally:

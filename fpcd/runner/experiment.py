@@ -91,8 +91,8 @@ class Experiment(abc.ABC):
 
     Subclasses set ``KEY_NAMES`` (names of the root key's ``fold_in`` children, in order; it must
     contain ``"sampling"``), ``IDENTITY_FIELDS`` (config fields that make two configs the same run),
-    ``FIELDS_ADDED_LATER`` (see below) and ``TRAIN_SECTIONS`` (config sections of training fields),
-    and implement the hooks.
+    ``FIELDS_ADDED_LATER`` and ``FIELDS_RENAMED`` (see below) and ``TRAIN_SECTIONS`` (config
+    sections of training fields), and implement the hooks.
     """
 
     KEY_NAMES: ClassVar[tuple[str, ...]] = ("models", "train", "sampling")
@@ -101,6 +101,9 @@ class Experiment(abc.ABC):
     # means (dotted field -> value): a workdir or checkpoint recorded without the field is still
     # the same run when the config holds that value.
     FIELDS_ADDED_LATER: ClassVar[Mapping[str, Any]] = {}
+    # Config fields renamed after a run may have been saved (old dotted prefix -> new one): a
+    # workdir or checkpoint recorded under the old names is the same run, read under the new names.
+    FIELDS_RENAMED: ClassVar[Mapping[str, str]] = {}
     TRAIN_SECTIONS: ClassVar[tuple[str, ...]] = ("train",)
 
     def __init__(self, cfg, *, progress: bool = True):

@@ -37,8 +37,7 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
         raise ConfigError("--mode=distill: config.distill.rounds is 0; set e.g. --config.distill.rounds=3"
                           if "distill" in cfg else "--mode=distill: this config has no distill section")
     config = cfg.to_dict()
-    if mode in ("distill", "sample", "eval") and not check_workdir(workdir, config, experiment.IDENTITY_FIELDS,
-                                                                   experiment.FIELDS_ADDED_LATER):
+    if mode in ("distill", "sample", "eval") and not check_workdir(workdir, config, *_identity(experiment)):
         raise ConfigError(f"workdir {workdir} holds no run; run with --mode=train (or all) first")
     lock = lock_workdir(workdir)
     try:
@@ -47,12 +46,17 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
         lock.release()
 
 
+def _identity(experiment: Experiment) -> tuple:
+    """The arguments after ``config`` of the workdir checks: what makes two configs the same run."""
+    return experiment.IDENTITY_FIELDS, experiment.FIELDS_ADDED_LATER, experiment.FIELDS_RENAMED
+
+
 def _run_mode(experiment: Experiment, workdir: str, mode: str, mesh, config: dict) -> dict | None:
     """:func:`train_and_evaluate` once the workdir is locked. What the mode needs from earlier
     invocations (trained checkpoints, students, samples) is read first, so that a mode refused for
     lack of it writes nothing; then ``config.json`` is written and the mode runs."""
     cfg = experiment.cfg
-    identity = (experiment.IDENTITY_FIELDS, experiment.FIELDS_ADDED_LATER)
+    identity = _identity(experiment)
     check_workdir(workdir, config, *identity)
     check_checkpoints(workdir, config, *identity)
     data = experiment.load_data()

@@ -139,13 +139,13 @@ def read_train_log(workdir: str) -> list[dict]:
 
 def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, log: TrainLog,
                 progress: bool = True, measure_memory: bool = False,
-                added_later: Mapping[str, Any] | None = None):
+                added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None):
     """Train ``stage`` from its newest readable checkpoint to ``stage.train.num_steps`` (newer unreadable
     steps are set aside as ``<step>.unreadable``). Returns ``(state, info)``; with ``measure_memory``
     (and a ``stage.probe_batch``) ``info`` has the step's planned memory.
 
     A student's checkpoint saved under another teacher (``stage.teacher.provenance`` compared as in
-    :func:`fpcd.runner.workdir.config_differences`, with ``added_later``) is refused.
+    :func:`fpcd.runner.workdir.config_differences`, with ``added_later`` and ``renamed``) is refused.
     """
     state, step_fn = make_stage_state(stage, sde, mesh)
     rows = process_rows(mesh, stage.train.batch_size)
@@ -161,7 +161,7 @@ def train_stage(stage: Stage, sde: VPSDE, mesh, workdir: str, *, config: dict, l
         if restored is not None and stage.teacher is not None and stage.teacher.provenance:
             saved = checkpointer.saved_config()
             details = ("" if saved is None else
-                       config_differences(saved, config, stage.teacher.provenance, added_later))
+                       config_differences(saved, config, stage.teacher.provenance, added_later, renamed))
             if details:
                 raise ConfigError(f"{checkpoint_dir(workdir, stage.name)} holds a student distilled from another "
                                   f"teacher or with other settings ({details}); remove the checkpoints/*_student_* "
@@ -239,7 +239,7 @@ def train(experiment: Experiment, stages, mesh, workdir: str) -> dict:
             state, info = train_stage(stage, experiment.sde, mesh, workdir, config=experiment.cfg.to_dict(),
                                       log=log, progress=experiment.progress,
                                       measure_memory="step_memory_bytes" not in recorded.get(stage.name, {}),
-                                      added_later=experiment.FIELDS_ADDED_LATER)
+                                      added_later=experiment.FIELDS_ADDED_LATER, renamed=experiment.FIELDS_RENAMED)
             record_training(workdir, stage.name, info)
             models[stage.name] = state.ema_model
     finally:

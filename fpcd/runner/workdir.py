@@ -4,7 +4,9 @@ One run per workdir: ``config.json`` records the config of the run it holds; a c
 differs from it on the experiment's ``IDENTITY_FIELDS`` is another run and is refused
 (:func:`check_workdir`), and so are checkpoints saved by another run's config
 (:func:`check_checkpoints`). Fields added to a config after runs of it were saved are compared
-with the value such a run had (the experiment's ``FIELDS_ADDED_LATER``). A live run holds
+with the value such a run had (the experiment's ``FIELDS_ADDED_LATER``), and fields renamed since
+under their new names (``FIELDS_RENAMED``: a run saved before the rename is the same run, and its
+``config.json`` is rewritten with the new names when it is next used). A live run holds
 ``<workdir>/.lock`` (:func:`lock_workdir`).
 """
 
@@ -35,12 +37,29 @@ def _flatten(tree, prefix=""):
     return {prefix[:-1]: tree}
 
 
+def renamed_fields(flat: dict, renamed: Mapping[str, str] | None) -> dict:
+    """``flat`` (dotted field -> value) with each field under an old dotted prefix of ``renamed``
+    moved to the new prefix (``{"train_event": "train_global"}`` makes ``train_event.num_steps``
+    ``train_global.num_steps``; ``"train"`` does not match ``train_event``)."""
+    if not renamed:
+        return flat
+    out = {}
+    for key, value in flat.items():
+        for old, new in renamed.items():
+            if key == old or key.startswith(old + "."):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def config_differences(saved: dict, config: dict, fields: tuple[str, ...],
-                       added_later: Mapping[str, Any] | None = None) -> str:
+                       added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> str:
     """The fields under the dotted prefixes ``fields`` where ``saved`` and ``config`` differ, as
     ``"field: old -> new, ..."`` (at most five), or ``""``. A field of ``added_later`` that
-    ``config`` has and ``saved`` lacks counts as saved with its value there."""
-    previous, current = _flatten(saved), _flatten(json.loads(json.dumps(config)))
+    ``config`` has and ``saved`` lacks counts as saved with its value there; the fields of
+    ``saved`` under an old prefix of ``renamed`` (old -> new dotted prefix) are read under the new one."""
+    previous, current = renamed_fields(_flatten(saved), renamed), _flatten(json.loads(json.dumps(config)))
     for k, value in (added_later or {}).items():
         if k in current and k not in previous:
             previous[k] = value
@@ -50,26 +69,27 @@ def config_differences(saved: dict, config: dict, fields: tuple[str, ...],
 
 
 def compare_run(saved: dict, config: dict, identity_fields: tuple[str, ...], where: str,
-                added_later: Mapping[str, Any] | None = None) -> None:
+                added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> None:
     """Raise :class:`ConfigError` (``"<where> holds a run of ..."``) unless the recorded config ``saved``
     is a run of ``config``: the same experiment and the same values under ``identity_fields``
     (:func:`config_differences`)."""
     if saved.get("experiment") != config.get("experiment"):
         raise ConfigError(f"{where} holds a run of experiment {saved.get('experiment')!r}, not "
                           f"{config.get('experiment')!r}; choose another --workdir")
-    details = config_differences(saved, config, identity_fields, added_later)
+    details = config_differences(saved, config, identity_fields, added_later, renamed)
     if details:
         raise ConfigError(f"{where} holds a run of a different config ({details}); "
                           "choose another --workdir or remove that one")
 
 
 def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...],
-                  added_later: Mapping[str, Any] | None = None) -> bool:
+                  added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> bool:
     """Refuse a workdir holding a run of a different config; True when it holds one of this config.
 
     Two configs are the same run when they agree on every field under ``identity_fields``
     (dotted prefixes such as ``"model"`` or ``"train.prediction"``), a field of ``added_later``
-    missing from the saved config counting as its value there; other fields (number of steps,
+    missing from the saved config counting as its value there and a field under an old prefix of
+    ``renamed`` read under its new name; other fields (number of steps,
     sampling runs) may change between invocations so a run can be extended or resampled.
     """
     path = os.path.join(workdir, CONFIG_FILE)
@@ -82,12 +102,12 @@ def check_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...],
         raise ConfigError(f"workdir {workdir}: {path} cannot be read ({err}); choose another --workdir") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"workdir {workdir}: {path} does not hold a config; choose another --workdir")
-    compare_run(saved, config, identity_fields, f"workdir {workdir}", added_later)
+    compare_run(saved, config, identity_fields, f"workdir {workdir}", added_later, renamed)
     return True
 
 
 def check_checkpoints(workdir: str, config: dict, identity_fields: tuple[str, ...],
-                      added_later: Mapping[str, Any] | None = None) -> None:
+                      added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> None:
     """Refuse a workdir whose checkpoints were saved by a run of another config (compared as in
     :func:`check_workdir`, on the config stored with each stage's newest readable step), before
     restoring them would fail on the arrays' shapes; e.g. a workdir whose ``config.json`` was
@@ -104,14 +124,14 @@ def check_checkpoints(workdir: str, config: dict, identity_fields: tuple[str, ..
                 saved = checkpointer.saved_config(step)
                 if saved is not None:
                     compare_run(saved, config, identity_fields, f"workdir {workdir} (checkpoints/{name}/{step})",
-                                added_later)
+                                added_later, renamed)
                     break
 
 
 def prepare_workdir(workdir: str, config: dict, identity_fields: tuple[str, ...],
-                    added_later: Mapping[str, Any] | None = None) -> None:
+                    added_later: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> None:
     """Create ``workdir`` and record ``config`` there (process 0); refuse a workdir of another run."""
-    check_workdir(workdir, config, identity_fields, added_later)
+    check_workdir(workdir, config, identity_fields, added_later, renamed)
     if is_main_process():
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, CONFIG_FILE), config)
