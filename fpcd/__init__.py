@@ -1,10 +1,10 @@
 """fpcd: fast point-cloud diffusion in JAX.
 
 Modules (one concept each): :mod:`fpcd.sde` (VP SDE), :mod:`fpcd.nets` (score networks),
-:mod:`fpcd.sampling` (samplers with NFE), :mod:`fpcd.ode` (the adaptive Dopri5 solve),
-:mod:`fpcd.likelihood` (ODE log-likelihoods), :mod:`fpcd.loss` (the score-matching loss),
-:mod:`fpcd.train` (training settings, train state and step),
-:mod:`fpcd.distill` (progressive distillation), :mod:`fpcd.parallel` (device mesh),
+:mod:`fpcd.unet` (the voxel-image U-Net), :mod:`fpcd.sampling` (samplers with NFE),
+:mod:`fpcd.ode` (the adaptive Dopri5 solve), :mod:`fpcd.likelihood` (ODE log-likelihoods),
+:mod:`fpcd.loss` (the score-matching loss), :mod:`fpcd.train` (training settings, train state
+and step), :mod:`fpcd.distill` (progressive distillation), :mod:`fpcd.parallel` (device mesh),
 :mod:`fpcd.checkpoint` (atomic, resumable checkpoints), :mod:`fpcd.errors` (expected errors),
 :mod:`fpcd.data`, :mod:`fpcd.metrics`, :mod:`fpcd.runner` (the one experiment runner),
 :mod:`fpcd.experiments` (its experiments) and :mod:`fpcd.cli` (the command line).
@@ -26,7 +26,7 @@ _EXPORTS = {
     "VPSDE": "fpcd.sde",
     "SetTransformer": "fpcd.nets",
     "ResMLP": "fpcd.nets",
-    "UNet3D": "fpcd.nets",
+    "UNet3D": "fpcd.unet",
     "score_fn_from": "fpcd.nets",
     "apply_batched": "fpcd.nets",
     "sample": "fpcd.sampling",

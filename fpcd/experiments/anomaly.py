@@ -41,17 +41,16 @@ import numpy as np
 
 from fpcd.config import (ConfigError, get_field, require_float, require_int, require_models,
                          require_strings, validate_sde, validate_train)
-from fpcd.data import jet_transforms
-from fpcd.data.jetnet import JetDataError, JetSet
+from fpcd.data.jetnet import JetDataError
+from fpcd.experiments.anomaly_data import MULTIPLICITY, AnomalyData, BackgroundData  # noqa: F401  (also here)
 from fpcd.experiments.anomaly_evaluation import AnomalyEvaluation
 from fpcd.experiments.jets import NUM_JET_FEATURES, NUM_PARTICLE_FEATURES, JetsExperiment, validate_jet_data
-from fpcd.experiments.two_stage import array_stage, resmlp_from, set_transformer_from, split
+from fpcd.experiments.two_stage import array_stage, resmlp_from, set_transformer_from
 from fpcd.likelihood import check_likelihood_options, log_likelihood
 from fpcd.nets import score_fn_from
 from fpcd.runner import Experiment, batch_placement, main_process_first, run_batched
 
 SCORE_ARRAYS = ("type_index", "log_p_jet", "log_p_particles", "num_particles", "mass", "score")
-MULTIPLICITY = 3  # the jet features' multiplicity column
 RUN_OPTIONS = {"divergence": "hutchinson", "probes": 1, "num_jets": 0, "rtol": 1e-3, "atol": 1e-3, "t_min": 1e-5}
 
 
@@ -63,48 +62,6 @@ def anomaly_score(log_p_jet, log_p_particles, num_particles) -> np.ndarray:
 def run_options(run: dict) -> dict:
     """A likelihood run's options with their defaults (:data:`RUN_OPTIONS`)."""
     return {**RUN_OPTIONS, **{k: v for k, v in run.items() if k != "method"}}
-
-
-class BackgroundData:
-    """One background's standardisation, training arrays and the standardised jets it scores."""
-
-    def __init__(self, types: tuple[str, ...], train: dict, scored: dict):
-        self.types = types
-        pooled = JetSet(types[0], np.concatenate([train[t].particle_features for t in types]),
-                        np.concatenate([train[t].jet_features for t in types]))
-        self.stats = jet_transforms.fit_standardisation(pooled)
-        self.particles, self.mask, self.jet = jet_transforms.preprocess(pooled, self.stats)
-        self.scored = {t: jet_transforms.preprocess(jets, self.stats) for t, jets in scored.items()}
-
-    def __len__(self):
-        return len(self.jet)
-
-    def dequantised(self, jet, seed: int, step: int, batch_size: int, rows: slice) -> np.ndarray:
-        """The rows ``rows`` of a global training batch of standardised jet features with uniform
-        dequantisation noise ``u ~ U(-1/2, 1/2)`` added to the multiplicity (in particles), drawn
-        from ``(seed, step)`` alone so that every process and a resumed run see the same noise.
-
-        The jet stage thus learns a density that is flat within each integer's bin instead of
-        spikes at integers, and its density at an integer ``N`` (where jets are scored)
-        approximates the probability of ``N``."""
-        noise = np.random.default_rng([seed, step, 7]).uniform(-0.5, 0.5, batch_size)[rows]
-        jet = np.array(jet, np.float32, copy=True)
-        jet[:, MULTIPLICITY] += (noise / self.stats.jet.std[MULTIPLICITY]).astype(np.float32)
-        return jet
-
-
-class AnomalyData:
-    """The scored jets of every type (physical units, centred) and each background's model data."""
-
-    def __init__(self, backgrounds: dict, jets_by_type: dict, test_fraction: float, num_scored: int):
-        self.types = tuple(jets_by_type)
-        train, self.scored = {}, {}
-        for jet_type, jets in jets_by_type.items():
-            jets = JetSet(jet_type, jet_transforms.recenter(jets.particle_features), jets.jet_features)
-            train[jet_type], test = split(jets, test_fraction)
-            self.scored[jet_type] = test.take(slice(0, num_scored))
-        self.backgrounds = {name: BackgroundData(tuple(types), train, self.scored)
-                            for name, types in backgrounds.items()}
 
 
 class AnomalyExperiment(AnomalyEvaluation, Experiment):

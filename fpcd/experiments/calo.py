@@ -11,7 +11,7 @@ features and digitisation are those of :mod:`fpcd.data.calo_transforms`, the N_c
 of :mod:`fpcd.data.buckets`; the energies of generated cells are scaled so the cells sum to the
 stage-1 total.
 
-Stage 2, ``representation="image"`` (``"image"``): a :class:`~fpcd.nets.UNet3D` score model of
+Stage 2, ``representation="image"`` (``"image"``): a :class:`~fpcd.unet.UNet3D` score model of
 the 11x11x11 voxel image (5x5x5 cells per voxel) as ``log10(voxel / sum + 1e-6)``, standardised,
 given the same conditions. Generated images are mapped back, clipped at 0, renormalised, scaled to
 the stage-1 total, and voxels below the cell threshold are zeroed.
@@ -40,7 +40,8 @@ from fpcd.experiments.calo_evaluation import (GROUP, CaloEvaluation, comparison_
                                               voxel_observables, w1_block)
 from fpcd.experiments.two_stage import (TwoStageExperiment, array_stage, bucketed_stage, resmlp_from, sample_global,
                                         sample_set, split)
-from fpcd.nets import UNet3D, score_fn_from
+from fpcd.nets import score_fn_from
+from fpcd.unet import UNet3D
 
 REPRESENTATIONS = ("cloud", "image")
 NUM_CELL_FEATURES = 4
