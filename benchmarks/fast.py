@@ -112,9 +112,9 @@ def fresh_jets(cfg, jet_type: str, n: int, offset: int) -> JetSet:
 
 
 def bench_jets(workdir: str, n: int, batches: int, quick: bool) -> dict:
-    from fpcd.experiments.jets import JetsExperiment, jet_metric_row
+    from fpcd.experiments.jetnet import JetNetExperiment, jet_metric_row
 
-    cfg, experiment, data, mesh, models, students = load(workdir, JetsExperiment)
+    cfg, experiment, data, mesh, models, students = load(workdir, JetNetExperiment)
     rows = sweep(quick, tuple(students), float(cfg.distill.t_min) if "distill" in cfg else 1e-3)
     results = {}
     for t_index, jet_type in enumerate(data.types):

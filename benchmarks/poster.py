@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from scipy_rk45 import sample_scipy_rk45  # noqa: E402  (benchmarks/scipy_rk45.py)
 
 from fpcd.data.jetnet import JetSet  # noqa: E402
-from fpcd.experiments.jets import JetsExperiment  # noqa: E402
+from fpcd.experiments.jetnet import JetNetExperiment  # noqa: E402
 from fpcd.io import write_json  # noqa: E402
 from fpcd.metrics import jets as jet_metrics  # noqa: E402
 from fpcd.parallel import data_mesh  # noqa: E402
@@ -115,7 +115,7 @@ def main():
 
     with open(os.path.join(args.workdir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    experiment = JetsExperiment(cfg, progress=True)
+    experiment = JetNetExperiment(cfg, progress=True)
     data = experiment.load_data()
     types = data.types
     mesh = data_mesh()

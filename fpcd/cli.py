@@ -48,7 +48,7 @@ EXPERIMENTS = {
     "calo": ("fpcd.experiments.calo", "CaloExperiment"),
     "eic": ("fpcd.experiments.eic", "EicExperiment"),
     "gmm": ("fpcd.experiments.gmm", "GaussianMixtureExperiment"),
-    "jetnet": ("fpcd.experiments.jets", "JetsExperiment"),
+    "jetnet": ("fpcd.experiments.jetnet", "JetNetExperiment"),
 }
 
 

@@ -23,7 +23,7 @@ from fpcd.data.jetnet import JetSet
 from fpcd.experiments.calo import CaloExperiment
 from fpcd.experiments.eic import EicExperiment
 from fpcd.experiments.gmm import GaussianMixtureExperiment
-from fpcd.experiments.jets import JetData, JetsExperiment
+from fpcd.experiments.jetnet import JetData, JetNetExperiment
 from fpcd.io import DiskFullError, WorkdirLock, WorkdirLockedError
 from fpcd.parallel import data_mesh
 from fpcd.runner import RunSamples, expected_error_message, train_and_evaluate, write_samples
@@ -117,7 +117,7 @@ def test_config_file_error_is_one_line(tmp_path):
     (calo_config, CaloExperiment, "eval.momentum_bins", (5.0,), "config.eval.momentum_bins"),
     (calo_config, CaloExperiment, "data.buckets", (32.5,), "config.data.buckets"),
     (eic_config, EicExperiment, "data.buckets", ("16",), "config.data.buckets"),
-    (jetnet_config, JetsExperiment, "data.jet_types", ("x",), "config.data.jet_types"),
+    (jetnet_config, JetNetExperiment, "data.jet_types", ("x",), "config.data.jet_types"),
 ], ids=["calo_scalar_range", "calo_nan_range", "calo_reversed_range", "calo_theta", "calo_bins", "calo_buckets",
         "eic_buckets", "jet_types"])
 def test_tuple_fields_are_validated_naming_the_field(module, cls, field, value, match):
@@ -142,7 +142,7 @@ def _fake_jets(jet_type, n, seed):
     return JetSet(jet_type, particles, jets.astype(np.float32))
 
 
-class FakeJets(JetsExperiment):
+class FakeJets(JetNetExperiment):
     """The jets experiment on random jets (no event generator)."""
 
     def load_jets(self, jet_type):
@@ -385,7 +385,7 @@ def test_jet_metrics_and_figures_survive_runs_without_finite_jets(tmp_path):
     with cfg.unlocked():
         cfg.data.jet_types = ("q",)
         cfg.sampling.num_samples = 40
-    experiment = JetsExperiment(cfg, progress=False)
+    experiment = JetNetExperiment(cfg, progress=False)
     data = JetData(("q",), {"q": _fake_jets("q", 200, 0)}, 0.5)
     nan = _fake_jets("q", 40, 1)
     nan.particle_features[..., :3] = np.nan

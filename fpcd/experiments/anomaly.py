@@ -44,7 +44,7 @@ from fpcd.config import (ConfigError, get_field, require_float, require_int, req
 from fpcd.data.jetnet import JetDataError
 from fpcd.experiments.anomaly_data import MULTIPLICITY, AnomalyData, BackgroundData  # noqa: F401  (also here)
 from fpcd.experiments.anomaly_evaluation import AnomalyEvaluation
-from fpcd.experiments.jets import NUM_JET_FEATURES, NUM_PARTICLE_FEATURES, JetsExperiment, validate_jet_data
+from fpcd.experiments.jetnet import NUM_JET_FEATURES, NUM_PARTICLE_FEATURES, JetNetExperiment, validate_jet_data
 from fpcd.experiments.two_stage import array_stage, resmlp_from, set_transformer_from
 from fpcd.likelihood import check_likelihood_options, log_likelihood
 from fpcd.nets import score_fn_from
@@ -153,7 +153,7 @@ class AnomalyExperiment(AnomalyEvaluation, Experiment):
 
     def load_data(self) -> AnomalyData:
         """Every type's jets (generated and cached like the jets experiment's, or the real files)."""
-        loader = JetsExperiment(self.cfg, progress=self.progress)
+        loader = JetNetExperiment(self.cfg, progress=self.progress)
         types = tuple(self.cfg.data.jet_types)
         try:
             jets = main_process_first(lambda: {t: loader.load_jets(t) for t in types})

@@ -14,7 +14,7 @@ import jax
 from conftest import expected_log_steps, run_launch, run_main
 from fpcd.config import ConfigError
 from fpcd.data.jetnet import load
-from fpcd.experiments.jets import JetsExperiment
+from fpcd.experiments.jetnet import JetNetExperiment
 from fpcd.metrics import jets as jet_metrics
 from fpcd.parallel import data_mesh
 from fpcd.runner import BatchSampler, run_key
@@ -91,7 +91,7 @@ def test_trained_model_beats_the_untrained_one(tiny_run):
     cfg = jetnet_config.get_config("tiny")
     with cfg.unlocked():
         cfg.data.cache_dir = str(cache)
-    experiment = JetsExperiment(cfg, progress=False)
+    experiment = JetNetExperiment(cfg, progress=False)
     data = experiment.load_data()
     untrained = {stage.name: stage.model for stage in experiment.stages(data)}
     sampler = BatchSampler(experiment.sde, data_mesh(jax.devices()[:1]), progress=False)
@@ -163,4 +163,4 @@ def test_config_errors_name_the_field(field, value, match):
         cfg[section][name] = value
         cfg.data.path_pattern = "/data/{type}.hdf5"
     with pytest.raises(ConfigError, match=match):
-        JetsExperiment(cfg, progress=False).validate(1)
+        JetNetExperiment(cfg, progress=False).validate(1)
