@@ -336,9 +336,11 @@ class TrainSettings:
                               warmup_steps=self.warmup_steps, schedule=self.schedule,
                               grad_clip=self.grad_clip or None, weight_decay=self.weight_decay)
 
-    def train_step(self, sde: VPSDE, mesh=None) -> "StateDonatingStep":
-        """:func:`make_train_step` of these settings (with :meth:`optimizer`)."""
-        return make_train_step(sde, self.optimizer(), loss=self.loss, ema_decay=self.ema_decay,
+    def train_step(self, sde: VPSDE, mesh=None, optimizer: optax.GradientTransformation | None = None
+                   ) -> "StateDonatingStep":
+        """:func:`make_train_step` of these settings, with ``optimizer`` (the one the state was
+        initialised with; default :meth:`optimizer`)."""
+        return make_train_step(sde, optimizer or self.optimizer(), loss=self.loss, ema_decay=self.ema_decay,
                                ema_warmup=self.ema_warmup, mesh=mesh)
 
 

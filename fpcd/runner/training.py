@@ -44,7 +44,7 @@ def make_stage_state(stage: Stage, sde: VPSDE, mesh):
     optimizer = t.optimizer()
     if stage.teacher is None:
         state = replicate(init_train_state(stage.model, optimizer, stage.key), mesh)
-        return state, t.train_step(sde, mesh)
+        return state, t.train_step(sde, mesh, optimizer)
     teacher = stage.teacher
     state = replicate(init_student_state(teacher.model, optimizer, stage.key), mesh)
     step_fn = make_distill_step(sde, optimizer, replicate(teacher.model, mesh), steps=teacher.student_steps,
