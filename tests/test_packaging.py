@@ -44,6 +44,8 @@ def test_installed_copy_imports_from_another_directory_without_the_repository(tm
     assert os.listdir(site / "bin") == ["fpcd"]  # the console script
     assert "from fpcd.cli import run" in (site / "bin" / "fpcd").read_text()
     assert _python_files(site / "fpcd") == _python_files(src / "fpcd")  # every module, namespace packages too
+    binning = sorted(os.listdir(site / "fpcd" / "data" / "calochallenge_binning"))  # package data
+    assert binning == sorted(os.listdir(src / "fpcd" / "data" / "calochallenge_binning")) and len(binning) == 4, binning
 
     probe = (
         "import importlib.metadata, json, sys\n"
