@@ -1,0 +1,63 @@
+"""The CaloChallenge 2022 high-level features and separation power (arXiv 2410.21611), with the
+definitions of the challenge's own evaluation (``HighLevelFeatures``, ``evaluate.py``).
+
+Voxel positions are the bin centres of :class:`fpcd.data.calochallenge.CylindricalGeometry`
+(radial midpoint ``r``, angular midpoint ``alpha`` in ``[-pi, pi)``), seen in the transverse plane
+as ``eta = r cos(alpha)`` and ``phi = r sin(alpha)`` (mm, the challenge's names). Per shower:
+
+* ``E_ratio``: the total deposited energy over the incident energy;
+* ``E_layer_<l>``: the energy of each layer with voxels;
+* ``EC_eta_<l>``, ``EC_phi_<l>``: the centre of energy of each layer binned in angle,
+  ``sum(x E) / (sum(E) + 1e-16)``;
+* ``width_eta_<l>``, ``width_phi_<l>``: its width, ``sqrt(max(<x^2> - <x>^2, 0))`` with the same
+  energy weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fpcd.data.calochallenge import CylindricalGeometry
+
+EPSILON = 1e-16  # the challenge's guard against empty layers
+
+
+def high_level_features(showers, incident_energies, geometry: CylindricalGeometry) -> dict[str, np.ndarray]:
+    """The challenge's high-level features of ``showers (N, voxels)`` (MeV) at
+    ``incident_energies (N,)`` (MeV): ``name -> (N,)`` float64 arrays, in the order of the module
+    docstring (layers ascending)."""
+    showers = np.asarray(showers, np.float64)
+    energies = np.asarray(incident_energies, np.float64).reshape(-1)
+    if showers.ndim != 2 or showers.shape[1] != geometry.num_voxels or len(showers) != len(energies):
+        raise ValueError(f"high_level_features: need showers (N, {geometry.num_voxels}) and N incident energies, "
+                         f"got {showers.shape} and {energies.shape}")
+    centres = geometry.voxel_centres()
+    eta, phi = centres["r"] * np.cos(centres["alpha"]), centres["r"] * np.sin(centres["alpha"])
+    features = {"E_ratio": showers.sum(axis=1) / energies}
+    slices = geometry.layer_slices()
+    for layer, s in zip(geometry.layers, slices):
+        if layer.num_voxels:
+            features[f"E_layer_{layer.layer}"] = showers[:, s].sum(axis=1)
+    for layer, s in zip(geometry.layers, slices):
+        if layer.num_voxels and layer.num_alpha > 1:
+            e = showers[:, s]
+            total = e.sum(axis=1) + EPSILON
+            for name, x in (("eta", eta[s]), ("phi", phi[s])):
+                mean = (e * x).sum(axis=1) / total
+                second = (e * x * x).sum(axis=1) / total
+                features[f"EC_{name}_{layer.layer}"] = mean
+                features[f"width_{name}_{layer.layer}"] = np.sqrt(np.clip(second - mean**2, 0.0, None))
+    return features
+
+
+def separation_power(reference, generated, bins) -> float:
+    """The challenge's histogram distance ``1/2 sum_i (h1_i - h2_i)^2 / (h1_i + h2_i)`` of the two
+    samples' normalised histograms over ``bins`` (edges; entries outside are dropped, as
+    ``np.histogram`` does): 0 for identical histograms, 1 for disjoint ones."""
+    edges = np.asarray(bins, np.float64)
+    counts = []
+    for sample in (reference, generated):
+        density, _ = np.histogram(np.asarray(sample, np.float64), bins=edges, density=True)
+        counts.append(density * np.diff(edges))
+    h1, h2 = counts
+    return float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + EPSILON)))
