@@ -98,3 +98,48 @@ def test_a_bad_binning_file_is_named(tmp_path, text, match):
         read_binning(str(path))
     with pytest.raises(CaloChallengeError, match=str(path)):
         read_binning(str(path))
+
+
+# --- the built-in electron showers in the dataset-2 readout --------------------------------------------------
+
+def _shower_moments(showers, energy_mev):
+    geometry = dataset_geometry("2")
+    s = np.asarray(showers, np.float64)
+    total = s.sum(axis=1)
+    depth = (geometry.layer_energies(s) * (np.arange(45) + 0.5)).sum(axis=1) / total  # in voxel layers
+    x0_per_layer = calochallenge.SILICON_TUNGSTEN.layer_pitch_mm / calochallenge.SILICON_TUNGSTEN.x0_mm
+    return total / energy_mev, depth * x0_per_layer
+
+
+@pytest.mark.parametrize("energy_gev, t_cog", [(1.0, 6.1), (10.0, 8.3), (100.0, 10.6)])
+def test_simulated_showers_follow_gflash_in_depth_and_resolution(energy_gev, t_cog):
+    """The centre of gravity in X0 is GFLASH's for tungsten (../shared/physics/calo.md (b): 6.1, 8.3,
+    10.6 X0; measured 6.01, 8.23, 10.52 on 1,000 showers each), E_tot/E_inc is the contained
+    fraction (measured 0.986-0.990) with the 17 %/sqrt(E) sampling term (measured 0.168-0.176 x
+    sqrt(E/GeV)). Depths in mm instead of X0, or no sampling fluctuations, fail."""
+    energy = energy_gev * 1e3
+    data = calochallenge.simulate(400, energy_range_mev=(energy, energy), seed=3)
+    ratio, depth = _shower_moments(data.showers, energy)
+    assert abs(depth.mean() - t_cog) < 0.3, depth.mean()
+    assert 0.975 < ratio.mean() < 0.995, ratio.mean()
+    if energy_gev <= 10:  # above, the relative spread is no longer the sampling term's alone
+        assert ratio.std() * np.sqrt(energy_gev) == pytest.approx(0.17, abs=0.025)
+
+
+def test_simulated_showers_are_the_challenges_layout(tmp_path):
+    data = calochallenge.simulate(300, seed=5, chunk_size=128)
+    assert data.showers.shape == (300, 6480) and data.showers.dtype == np.float32
+    assert np.all(data.showers >= 0) and np.all((data.showers == 0) | (data.showers >= 0.01515))
+    log_e = np.log(data.incident_energies)
+    assert data.incident_energies.min() >= 1e3 and data.incident_energies.max() <= 1e6
+    assert abs(log_e.mean() - 0.5 * np.log(1e9)) < 0.3  # log-uniform: the mean of ln E is mid-range
+    again = calochallenge.simulate(300, seed=5, chunk_size=128)
+    np.testing.assert_array_equal(again.showers, data.showers)
+    other = calochallenge.simulate(300, seed=6, chunk_size=128)
+    assert not np.array_equal(other.showers, data.showers)
+    back = load(save(data, str(tmp_path / "ds2.h5")), dataset_geometry("2"))
+    np.testing.assert_array_equal(back.showers, data.showers)
+    with pytest.raises(ValueError, match="the built-in electron showers fill dataset 2 or 3"):
+        calochallenge.simulate(3, dataset="1_pions")
+    with pytest.raises(ValueError, match="energy_range_mev"):
+        calochallenge.simulate(3, energy_range_mev=(0.0, 1e3))

@@ -169,7 +169,7 @@ def _lorentzian_radius(rng, scale):
     return scale * np.sqrt(u / (1.0 - u))
 
 
-def _em_spots(rng, energy_em, g: CaloGeometry):
+def em_spots(rng, energy_em, g: CaloGeometry):
     """Electromagnetic spots: (depth along the axis [mm], radius [mm], energy [GeV]) each (n, K)."""
     n, k = len(energy_em), g.em_spots
     t_max, alpha, mean_alpha = _gflash_parameters(rng, energy_em, g)
@@ -276,7 +276,7 @@ def simulate_chunk(rng, momentum, theta, phi, g: CaloGeometry, max_cells: int, p
     energy_em, energy_had = f_em * energy, (1 - f_em) * energy
 
     kinds, points, deposits = [], [], []
-    for kind, (depth, radius, e_spot) in enumerate((_em_spots(rng, energy_em, g),
+    for kind, (depth, radius, e_spot) in enumerate((em_spots(rng, energy_em, g),
                                                     _hadronic_spots(rng, energy, energy_had, g))):
         angle = rng.uniform(0, 2 * np.pi, depth.shape)
         position = ((path_first[:, None] + depth)[..., None] * axis[:, None, :]

@@ -23,6 +23,7 @@ import numpy as np
 
 from fpcd.data import calo
 from fpcd.data.calo import CaloChallengeSet, CaloDataError
+from fpcd.data.calo_physics import CaloGeometry
 from fpcd.data.common import save_hdf5
 
 BINNING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calochallenge_binning")
@@ -190,3 +191,70 @@ def save(data: CaloChallengeSet, path: str) -> str:
         raise ValueError(f"save: need showers (N, voxels) beside N incident energies, got {showers.shape} and "
                          f"{len(energies)}")
     return save_hdf5(path, {"incident_energies": energies, "showers": showers}, compressed=("showers",))
+
+
+# --- the built-in default data: electron showers in the dataset-2 readout -------------------------------------
+
+# A CaloChallenge dataset-2/3 voxel layer: 2 x (1.4 mm W + 0.3 mm Si) = 3.4 mm (../shared/physics/calo.md (a));
+# PDG tungsten (X0 3.504 mm, R_M 9.327 mm, Z 74, A 183.84, X0 6.76 g/cm^2) and silicon (X0 93.7 mm, R_M 48.8 mm).
+SILICON_TUNGSTEN = CaloGeometry(
+    num_layers=45, layer_pitch_mm=3.4, first_layer_z_mm=1.7, absorber_mm=2.8, active_mm=0.6,
+    absorber_x0_mm=3.504, absorber_lambda_mm=99.46, absorber_moliere_mm=9.327, absorber_z=74.0,
+    absorber_a=183.84, absorber_x0_gcm2=6.76, active_x0_mm=93.7, active_lambda_mm=465.2, active_moliere_mm=48.8,
+    sampling_fraction=1.0, em_stochastic=0.17, threshold_mev=0.01515, em_spots=1024)
+
+
+def simulate(num_showers: int, *, dataset: str = "2", energy_range_mev=(1e3, 1e6), seed: int = 0,
+             chunk_size: int = 500, geometry: CaloGeometry = SILICON_TUNGSTEN, progress: bool = False
+             ) -> CaloChallengeSet:
+    """Electron showers in the readout of CaloChallenge dataset ``dataset`` (``"2"`` or ``"3"``), in
+    the challenge's layout: incident energies log-uniform in ``energy_range_mev``, voxel energies in
+    MeV on the incident-energy scale (sampling-corrected, as the challenge's files appear to be).
+
+    The physics is :func:`fpcd.data.calo_physics.em_spots` (GFLASH longitudinal and radial
+    profiles with correlated per-shower fluctuations) in the silicon-tungsten mixture of
+    :data:`SILICON_TUNGSTEN`, along the cylinder axis from the front face: spots are binned into
+    (layer, angular, radial) voxels (those beyond the last radial edge or the last layer leave the
+    readout), each voxel's energy gets Gamma sampling fluctuations of variance ``a^2 E``
+    (``a = em_stochastic`` in sqrt(GeV)), and voxels below ``threshold_mev`` (15.15 keV) are zeroed.
+    Showers depend on ``seed``, their index and ``chunk_size``.
+    """
+    from fpcd.data.calo_physics import em_spots
+    from fpcd.data.common import check_integer, chunk_rng, chunk_sizes
+
+    num_showers = check_integer("num_showers", num_showers)
+    lo, hi = (float(v) for v in energy_range_mev)
+    if not (0.0 < lo <= hi and np.isfinite(hi)):
+        raise ValueError(f"energy_range_mev={energy_range_mev!r}: need 0 < min <= max (MeV)")
+    readout = dataset_geometry(dataset)
+    if dataset not in ("2", "3"):
+        raise ValueError(f"dataset={dataset!r}: the built-in electron showers fill dataset 2 or 3")
+    if readout.num_layers != geometry.num_layers:
+        raise ValueError(f"the readout has {readout.num_layers} layers, the calorimeter {geometry.num_layers}")
+    layer0 = readout.layers[0]
+    edges = np.asarray(layer0.r_edges)
+    num_alpha, num_radial = layer0.num_alpha, layer0.num_radial
+    energies, showers = [], []
+    sizes = chunk_sizes(num_showers, check_integer("chunk_size", chunk_size))
+    for chunk, size in enumerate(sizes):
+        rng = chunk_rng(seed, chunk)
+        energy = np.exp(rng.uniform(np.log(lo), np.log(hi), size))  # MeV
+        depth, radius, deposit = em_spots(rng, energy / 1000.0, geometry)  # mm, mm, GeV
+        layer = np.floor(depth / geometry.layer_pitch_mm).astype(np.int64)
+        radial = np.searchsorted(edges, radius, side="right") - 1
+        alpha = np.floor(rng.uniform(0.0, num_alpha, depth.shape)).astype(np.int64)
+        inside = (layer < geometry.num_layers) & (radial < num_radial)
+        flat = (layer * num_alpha + alpha) * num_radial + radial
+        rows = np.broadcast_to(np.arange(size)[:, None], flat.shape)
+        grid = np.zeros((size, readout.num_voxels))
+        np.add.at(grid, (rows[inside], flat[inside]), deposit[inside])  # GeV
+        eps = geometry.em_stochastic**2
+        hit = grid > 0
+        grid[hit] = rng.standard_gamma(grid[hit] / eps) * eps
+        grid *= 1000.0 * geometry.sampling_fraction  # MeV
+        grid[grid < geometry.threshold_mev] = 0.0
+        energies.append(energy)
+        showers.append(grid.astype(np.float32))
+        if progress:
+            print(f"simulated {sum(sizes[:chunk + 1])}/{num_showers} showers", flush=True)
+    return CaloChallengeSet(np.concatenate(energies).astype(np.float32), np.concatenate(showers))
