@@ -61,3 +61,30 @@ def separation_power(reference, generated, bins) -> float:
         counts.append(density * np.diff(edges))
     h1, h2 = counts
     return float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + EPSILON)))
+
+
+def high_level_vector(features: dict[str, np.ndarray], incident_energies) -> np.ndarray:
+    """``(N, F)``: the challenge's high-level input of its classifier and of FPD/KPD (its
+    ``prepare_high_data_for_classifier``): ``log10 E_inc``, ``log10(E_layer + 1e-8)`` per layer, then
+    ``EC_eta / 100``, ``EC_phi / 100``, ``width_eta / 100``, ``width_phi / 100`` per angular-binned
+    layer (mm / 100), from :func:`high_level_features`."""
+    names = list(features)
+    layers = [n for n in names if n.startswith("E_layer_")]
+    columns = [np.log10(np.asarray(incident_energies, np.float64).reshape(-1))]
+    columns += [np.log10(features[n] + 1e-8) for n in layers]
+    for kind in ("EC_eta_", "EC_phi_", "width_eta_", "width_phi_"):
+        columns += [features[n] / 100.0 for n in names if n.startswith(kind)]
+    return np.stack(columns, axis=1)
+
+
+def physics_distances(reference: dict, generated: dict, *, min_samples: int = 20_000, max_samples: int = 50_000,
+                      kpd_batch_size: int = 5_000, seed: int = 42) -> dict:
+    """FPD and KPD (arXiv 2211.10295; :func:`fpcd.metrics.jets.fpd`, :func:`~fpcd.metrics.jets.kpd`)
+    between two high-level vectors (:func:`high_level_vector`), as the challenge's final paper
+    quotes them: ``{"fpd", "fpd_error", "kpd", "kpd_error"}`` (raw values; the paper prints x1e3)."""
+    from fpcd.metrics.jets import fpd, kpd
+
+    fpd_value, fpd_error = fpd(reference, generated, min_samples=min_samples, max_samples=max_samples, seed=seed)
+    kpd_value, kpd_error = kpd(reference, generated, batch_size=kpd_batch_size, seed=seed)
+    return {"fpd": float(fpd_value), "fpd_error": float(fpd_error), "kpd": float(kpd_value),
+            "kpd_error": float(kpd_error)}
