@@ -21,6 +21,6 @@ def test_gflash_part_reproduces_the_notes_tungsten_numbers():
         assert t.mean() == pytest.approx(t_max, abs=0.15)
         assert a.mean() == pytest.approx(alpha, abs=0.15)
         assert (a * t / (a - 1)).mean() == pytest.approx(t_cog, abs=0.25)
-    _, radius, _ = calo_physics._em_spots(rng, np.full(200, 10.0), tungsten)
+    _, radius, _ = calo_physics.em_spots(rng, np.full(200, 10.0), tungsten)
     contained = [np.mean(radius < k * tungsten.moliere_mm) for k in (1.0, 1.5, 3.5)]
     np.testing.assert_allclose(contained, [0.89, 0.94, 0.985], atol=0.01)
