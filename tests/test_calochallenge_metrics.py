@@ -64,6 +64,7 @@ def test_separation_power_is_zero_for_equal_and_one_for_disjoint_histograms():
     assert separation_power(a, b, bins) == pytest.approx(0.5)
 
 
+@pytest.mark.filterwarnings("ignore:Recommended number of jets")  # small samples on purpose
 def test_the_high_level_vector_and_its_physics_distances():
     """The vector has the challenge's columns (1 + 45 layer energies + 4 x 45 centres and widths for
     dataset 2); FPD and KPD of two samples of the same simulated showers are near zero and grow
