@@ -18,6 +18,7 @@ import numpy as np
 
 from fpcd.data.calo import ShowerSet, cell_indices
 from fpcd.data.calo_physics import EPIC_FORWARD_HCAL, pack_cells
+from fpcd.data.common import first_free_candidates
 
 
 def cluster_targets(showers: ShowerSet) -> np.ndarray:
@@ -84,16 +85,7 @@ def _assign_cells(position, energy, shower, geometry, metric: str = "mm"):
     candidates = np.clip(np.take_along_axis(candidates, order[..., None], axis=1), 0, upper).astype(np.int64)
     flat = (candidates[..., 0] * g.num_cells + candidates[..., 1]) * g.num_cells + candidates[..., 2]
     valid = np.take_along_axis(inside, order, axis=1)
-    chosen = flat[:, 0].copy()
-    taken: dict = {}
-    for i in np.lexsort((-energy, shower)):
-        occupied = taken.setdefault(int(shower[i]), set())
-        for c, ok in zip(flat[i], valid[i]):
-            if ok and c not in occupied:
-                chosen[i] = c
-                break
-        occupied.add(int(chosen[i]))
-    return chosen
+    return first_free_candidates(flat, valid, energy, shower)
 
 
 def cells_from_features(features, mask, theta_deg, total_energy, max_cells: int, *, phi_deg: float = 0.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fpcd.data.calochallenge import CylindricalGeometry
+from fpcd.data.common import first_free_candidates
 
 NEIGHBOURS = np.stack(np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), np.arange(-1, 2), indexing="ij"),
                       axis=-1).reshape(-1, 3)  # (layer, alpha, radial) offsets of the candidate voxels
@@ -71,16 +72,7 @@ def _nearest_free(position, energy, shower, shape):
     candidates[..., 2] = np.clip(candidates[..., 2], 0, num_radial - 1)
     flat = (candidates[..., 0] * num_alpha + candidates[..., 1]) * num_radial + candidates[..., 2]
     valid = np.take_along_axis(inside, order, axis=1)
-    chosen = flat[:, 0].copy()
-    taken: dict = {}
-    for i in np.lexsort((-energy, shower)):
-        occupied = taken.setdefault(int(shower[i]), set())
-        for c, ok in zip(flat[i], valid[i]):
-            if ok and c not in occupied:
-                chosen[i] = c
-                break
-        occupied.add(int(chosen[i]))
-    return chosen
+    return first_free_candidates(flat, valid, energy, shower)
 
 
 def voxels_from_points(points, mask, geometry: CylindricalGeometry, *, total_energy=None,

@@ -123,3 +123,21 @@ def cached_generate(path: str, generate: Callable[[], T], save: Callable[[T, str
     data = generate()
     save(data, path)
     return data
+
+
+def first_free_candidates(candidates, valid, energy, group) -> np.ndarray:
+    """One slot per item, without collisions inside a group where it can: item ``i`` takes the first
+    slot of ``candidates[i]`` (flat indices, nearest first) that is ``valid`` and not yet taken in
+    ``group[i]``, items of higher ``energy`` choosing first; an item whose candidates are all taken
+    keeps ``candidates[i, 0]`` (shared). Used to digitise generated points to calorimeter cells or
+    voxels so that a shower keeps its number of hits."""
+    chosen = np.asarray(candidates)[:, 0].copy()
+    taken: dict = {}
+    for i in np.lexsort((-np.asarray(energy), np.asarray(group))):
+        occupied = taken.setdefault(int(group[i]), set())
+        for c, ok in zip(candidates[i], valid[i]):
+            if ok and c not in occupied:
+                chosen[i] = c
+                break
+        occupied.add(int(chosen[i]))
+    return chosen
