@@ -282,12 +282,14 @@ class TrainSettings:
     ema_decay: float = 0.999
     ema_warmup: bool = False
     prediction: str = "v"
-    t_min: float = 1e-5
-    time_sampling: str = "uniform"
-    noise_mean: float = -1.2
-    noise_std: float = 1.2
-    loss_weighting: str = "none"
-    min_snr_gamma: float = 5.0
+    # The loss's fields under the section's names, with LossSettings' defaults (prediction "v":
+    # the distillation teachers need v-prediction); ``loss`` hands them on.
+    t_min: float = LossSettings.t_min
+    time_sampling: str = LossSettings.time_sampling
+    noise_mean: float = LossSettings.noise_mean
+    noise_std: float = LossSettings.noise_std
+    loss_weighting: str = LossSettings.weighting
+    min_snr_gamma: float = LossSettings.min_snr_gamma
     log_every: int = 100
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
