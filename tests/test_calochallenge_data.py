@@ -130,6 +130,12 @@ def test_simulated_showers_are_the_challenges_layout(tmp_path):
     data = calochallenge.simulate(300, seed=5, chunk_size=128)
     assert data.showers.shape == (300, 6480) and data.showers.dtype == np.float32
     assert np.all(data.showers >= 0) and np.all((data.showers == 0) | (data.showers >= 0.01515))
+    # The threshold is where hits stop (measured: smallest hit 0.015155 MeV), every shower is a
+    # shower (measured: at least 144 hit voxels, E_tot / E_inc 0.72-1.35 down to 1 GeV).
+    assert data.showers[data.showers > 0].min() < 0.0153
+    assert (data.showers > 0).sum(axis=1).min() >= 100
+    ratio = data.showers.sum(axis=1) / data.incident_energies
+    assert ratio.min() > 0.6 and ratio.max() < 1.5
     log_e = np.log(data.incident_energies)
     assert data.incident_energies.min() >= 1e3 and data.incident_energies.max() <= 1e6
     assert abs(log_e.mean() - 0.5 * np.log(1e9)) < 0.3  # log-uniform: the mean of ln E is mid-range
