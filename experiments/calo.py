@@ -14,7 +14,7 @@ Once both ``runs/calo`` and ``runs/calo_image`` exist, the later one writes the 
 
 import ml_collections
 
-from fpcd.config import distill_section, train_section
+from fpcd.config import distill_section, generate_section, train_section
 
 VARIANTS = ("image", "full", "tiny")
 
@@ -83,6 +83,9 @@ def get_config(variant: str = ""):
     cfg.distill = distill_section(rounds=6, teacher_steps=64, num_steps=700, learning_rate=2e-4,
                                   sample_steps=(8, 4, 2, 1), warmup_steps=50,
                                   checkpoint_every=350)
+
+    # --mode=generate: showers at momenta log-uniform and angles uniform in these ranges (empty: the training ones)
+    cfg.generate = generate_section(momentum_range=(), theta_range=())
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.evaluators = ("observables", "classifier")  # fpcd.experiments.calo; the classifier is the slow one

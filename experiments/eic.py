@@ -8,6 +8,9 @@ Data: events generated offline with Pythia 8 (``fpcd.data.eic``, cached under ``
 or a file in the raw layout with ``--config.data.path=/data/eic_events.h5`` (``particles`` (N, 50, 5)
 = (pT, eta, phi, PDG id, z), optional ``kinematics``). The last ``data.test_fraction`` is held out.
 
+``--mode=generate --config.generate.num_events=N`` writes N events in the raw layout from the
+trained workdir alone.
+
 Stage 1 samples the scattered electron and the multiplicity (pT_e, eta_e, N), stage 2 the N
 particles given them. ``--mode=all`` also distils both stages when ``config.distill.rounds`` > 0
 (the full preset: 512 -> 1 DDIM steps).
@@ -15,7 +18,7 @@ particles given them. ``--mode=all`` also distils both stages when ``config.dist
 
 import ml_collections
 
-from fpcd.config import distill_section
+from fpcd.config import distill_section, generate_section
 from fpcd.config import train_section as _train
 
 
@@ -62,6 +65,8 @@ def get_config(variant: str = ""):
     # in ~9 more minutes on 2 CPU cores and samples the 8-, 4-, 2- and 1-step students.
     cfg.distill = distill_section(rounds=0, teacher_steps=64, num_steps=700, learning_rate=2e-4,
                                   sample_steps=(8, 4, 2, 1), warmup_steps=50, checkpoint_every=350)
+
+    cfg.generate = generate_section()  # --mode=generate: events in the raw layout from the trained workdir alone
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.evaluators = ("observables", "classifier")  # fpcd.experiments.eic

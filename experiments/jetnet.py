@@ -8,6 +8,9 @@ Data: jets generated offline with Pythia 8 + FastJet (cached under ``data.cache_
 JetNet files with ``--config.data.path_pattern=/data/jetnet/{type}.hdf5`` (``{type}150.hdf5`` for
 150 particles). The last ``data.test_fraction`` of each type is held out for evaluation.
 
+``--mode=generate --config.generate.num_events=N --config.generate.jet_types='("t",)'`` writes N
+jets in the JetNet layout from the trained workdir alone (``generate.sampler``: a run or ``student_<k>``).
+
 ``--mode=all`` also distils both stages from 64 DDIM steps down to 1 (six rounds of progressive
 distillation, ``config.distill``) and evaluates the 8-, 4-, 2- and 1-step students beside the
 teacher's own DDIM at 8, 4, 2 and 1 steps; ``--config.distill.rounds=0`` skips it.
@@ -15,7 +18,7 @@ teacher's own DDIM at 8, 4, 2 and 1 steps; ``--config.distill.rounds=0`` skips i
 
 import ml_collections
 
-from fpcd.config import distill_section, jet_sections
+from fpcd.config import distill_section, generate_section, jet_sections
 from fpcd.config import train_section as _train
 
 
@@ -53,6 +56,8 @@ def get_config(variant: str = ""):
                                   checkpoint_every=500)
 
     cfg.eval = ml_collections.ConfigDict({"evaluators": ("jet_metrics",), "num_batches": 5, "seed": 42})
+    # --mode=generate: jets of generate.jet_types (default: every trained type, in turn) in the JetNet layout
+    cfg.generate = generate_section(jet_types=())
 
     if variant == "tiny":
         cfg.train_global = _train(num_steps=150, batch_size=64, learning_rate=2e-3, warmup_steps=10,

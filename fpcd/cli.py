@@ -6,7 +6,7 @@
 
 ``--config`` is an ml-collections config file (``experiments/<name>.py``, optionally
 ``:variant``); any field can be overridden with ``--config.<field>=value``. ``--mode`` selects
-``train``, ``distill``, ``sample``, ``eval`` or ``all`` (:func:`fpcd.runner.train_and_evaluate`; ``all``
+``train``, ``distill``, ``sample``, ``eval``, ``all`` or ``generate`` (:func:`fpcd.runner.train_and_evaluate`; ``all``
 distils when ``config.distill.rounds`` > 0). Training resumes from the newest checkpoint in
 ``--workdir``. Data-parallel over every device of every process (``jax.distributed`` when the
 environment describes a multi-process job).
@@ -36,7 +36,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
-_MODE = flags.DEFINE_enum("mode", "all", ("train", "distill", "sample", "eval", "all"), "What to run.")
+_MODE = flags.DEFINE_enum("mode", "all", ("train", "distill", "sample", "eval", "all", "generate"),
+                             "What to run.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 _PROCESS_INDEX = {"value": None}  # jax.process_index() once JAX is initialised
@@ -46,6 +47,7 @@ _PROCESS_INDEX = {"value": None}  # jax.process_index() once JAX is initialised
 EXPERIMENTS = {
     "anomaly": ("fpcd.experiments.anomaly", "AnomalyExperiment"),
     "calo": ("fpcd.experiments.calo", "CaloExperiment"),
+    "calochallenge": ("fpcd.experiments.calochallenge", "CaloChallengeExperiment"),
     "eic": ("fpcd.experiments.eic", "EicExperiment"),
     "gmm": ("fpcd.experiments.gmm", "GaussianMixtureExperiment"),
     "jetnet": ("fpcd.experiments.jetnet", "JetNetExperiment"),

@@ -257,6 +257,30 @@ def distill_section(rounds: int, teacher_steps: int, num_steps: int, learning_ra
     })
 
 
+def generate_section(*, num_events: int = 10_000, chunk_size: int = 1000, **conditions):
+    """The ``generate`` section of ``--mode=generate`` (:mod:`fpcd.runner.generation`): how many
+    events (``num_events``), written in chunks of ``chunk_size`` (a killed generation resumes at
+    its first missing chunk), with the sampler run ``sampler`` (a name of ``sampling.runs`` or
+    ``student_<k>``; empty: the first run), to ``output`` (empty: ``<workdir>/generated.h5``;
+    an existing file is refused unless ``overwrite``), seeded by ``seed``; ``conditions`` are the
+    experiment's own fields (e.g. the calorimeter's ``energy_range``)."""
+    return ml_collections.ConfigDict({"num_events": num_events, "chunk_size": chunk_size, "sampler": "",
+                                      "output": "", "overwrite": False, "seed": 0, **conditions})
+
+
+def validate_generate(cfg) -> None:
+    """Check the common fields of ``config.generate``; raise :class:`ConfigError` naming the field."""
+    if "generate" not in cfg:
+        raise ConfigError(f"--mode=generate: this config ({cfg.experiment}) has no generate section")
+    require_int(cfg, "generate.num_events")
+    require_int(cfg, "generate.chunk_size")
+    require_int(cfg, "generate.seed", minimum=0)
+    require_bool(cfg, "generate.overwrite")
+    for field in ("sampler", "output"):
+        if not isinstance(get_field(cfg, f"generate.{field}"), str):
+            raise ConfigError(f"config.generate.{field} must be a string, got {get_field(cfg, f'generate.{field}')!r}")
+
+
 def student_steps(cfg) -> tuple[int, ...]:
     """The students' DDIM steps, round by round (``teacher_steps / 2``, ``/ 4``, ...); ``()`` when the
     config has no ``distill`` section or no rounds."""

@@ -327,3 +327,28 @@ def test_readme_first_command_is_the_default_calo_run():
     cfg = calo_config.get_config("")
     CaloExperiment(cfg, progress=False).validate(1)
     assert cfg.representation == "cloud" and not cfg.data.path  # built-in data
+
+
+@pytest.mark.e2e
+def test_generate_writes_showers_in_the_point_cloud_layout_at_the_asked_momenta(runs, tmp_path, monkeypatch):
+    from fpcd.experiments import calo as calo_experiment
+    from fpcd.runner import train_and_evaluate
+
+    cloud, *_ = runs
+    cfg = calo_config.get_config("tiny")
+    state = json.loads((cloud / "generation_state.json").read_text())["state"]
+    low, high = state["momentum_range"]
+    cfg.generate.update(num_events=24, chunk_size=12, momentum_range=(low, (low + high) / 2),
+                        output=str(tmp_path / "gen.h5"))
+
+    def no_training_showers(*args, **kwargs):
+        raise AssertionError("generate simulated training showers")
+
+    monkeypatch.setattr(calo_experiment, "simulate", no_training_showers)
+    train_and_evaluate(CaloExperiment(cfg, progress=False), str(cloud), "generate", data_mesh(jax.devices()[:1]))
+    showers = calo.load(str(tmp_path / "gen.h5"))
+    assert len(showers) == 24 and showers.cells.shape[2] == 5
+    assert np.all(showers.momentum >= low * 0.999) and np.all(showers.momentum <= (low + high) / 2 * 1.001)
+    cfg.generate.update(momentum_range=(low, 10 * high), output=str(tmp_path / "far.h5"))
+    with pytest.warns(UserWarning, match="reaches outside the training range"):
+        train_and_evaluate(CaloExperiment(cfg, progress=False), str(cloud), "generate", data_mesh(jax.devices()[:1]))

@@ -74,8 +74,8 @@ def test_a_file_written_is_the_challenges_layout_and_reads_back(tmp_path):
 def test_a_file_of_another_dataset_is_named(tmp_path):
     data = CaloChallengeSet(np.full(2, 1e4), np.zeros((2, 533)))
     path = save(data, str(tmp_path / "pions.h5"))
-    with pytest.raises(CaloChallengeError, match=r"533 voxels \(the voxel count of dataset 1_pions\), but the "
-                                                 r"electron binning has 6480 \(45 layers\)"):
+    with pytest.raises(CaloChallengeError, match=r"533 voxels \(the voxel count of dataset 1_pions\), but "
+                                                 r"dataset 2's binning \(electron\) has 6480 \(45 layers\)"):
         load(path, dataset_geometry("2"))
     with pytest.raises(CaloChallengeError, match="unknown CaloChallenge dataset '4'"):
         dataset_geometry("4")

@@ -153,3 +153,23 @@ def test_main_reports_a_bad_file_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path}: missing dataset 'particles'")
     assert "Traceback" not in proc.stderr and not (tmp_path / "w" / "metrics.json").exists()
+
+
+def _generate_eic(workdir, cache, **generate):
+    cfg = eic_config.get_config("tiny")
+    cfg.data.cache_dir = str(cache)
+    cfg.generate.update(generate)
+    train_and_evaluate(EicExperiment(cfg, progress=False), str(workdir), "generate", data_mesh(jax.devices()[:1]))
+    return eic.load(generate["output"])
+
+
+@pytest.mark.e2e
+def test_generate_writes_events_in_the_raw_layout_from_the_workdir_alone(tiny_run, tmp_path):
+    workdir, cache, _ = tiny_run
+    events = _generate_eic(workdir, tmp_path / "no_cache", num_events=50, chunk_size=20, output=str(tmp_path / "a.h5"))
+    assert events.particles.shape == (50, eic.MAX_PARTICLES, 5) and events.kinematics.shape == (50, 4)
+    assert not (tmp_path / "no_cache").exists()  # neither generated nor read the training events
+    again = _generate_eic(workdir, cache, num_events=50, chunk_size=20, output=str(tmp_path / "b.h5"))
+    other = _generate_eic(workdir, cache, num_events=50, chunk_size=20, seed=1, output=str(tmp_path / "c.h5"))
+    np.testing.assert_array_equal(events.particles, again.particles)  # a function of the settings and seed
+    assert not np.array_equal(events.particles, other.particles)

@@ -164,3 +164,28 @@ def test_config_errors_name_the_field(field, value, match):
         cfg.data.path_pattern = "/data/{type}.hdf5"
     with pytest.raises(ConfigError, match=match):
         JetNetExperiment(cfg, progress=False).validate(1)
+
+
+@pytest.mark.e2e
+def test_generate_writes_jets_of_the_asked_types_in_the_jetnet_layout(tiny_run, tmp_path, monkeypatch):
+    from fpcd.experiments import jetnet as jetnet_experiment
+    from fpcd.runner import train_and_evaluate
+
+    workdir, cache, _ = tiny_run
+    cfg = jetnet_config.get_config("tiny")
+    jet_type = cfg.data.jet_types[-1]
+    cfg.generate.update(num_events=30, chunk_size=16, jet_types=(jet_type,), output=str(tmp_path / "gen.h5"))
+    cfg.data.cache_dir = str(cache)
+
+    def no_training_jets(*args, **kwargs):
+        raise AssertionError("generate read or generated training jets")
+
+    monkeypatch.setattr(jetnet_experiment, "cached_generate", no_training_jets)
+    train_and_evaluate(JetNetExperiment(cfg, progress=False), str(workdir), "generate", data_mesh(jax.devices()[:1]))
+    jets = load(str(tmp_path / "gen.h5"), jet_type=jet_type, num_particles=cfg.data.num_particles)
+    assert jets.particle_features.shape == (30, cfg.data.num_particles, 4) and jets.jet_features.shape == (30, 4)
+    with h5py.File(tmp_path / "gen.h5", "r") as f:
+        assert set(f["jet_type"][()]) == {list(cfg.data.jet_types).index(jet_type)}
+    cfg.generate.jet_types = ("x",)
+    with pytest.raises(ConfigError, match=r"config.generate.jet_types=\('x',\): unknown or repeated type\(s\)"):
+        train_and_evaluate(JetNetExperiment(cfg, progress=False), str(workdir), "generate", data_mesh())

@@ -82,6 +82,10 @@ class CaloChallengeSet:
     def __len__(self):
         return len(self.showers)
 
+    def take(self, rows) -> "CaloChallengeSet":
+        """The showers of ``rows`` (an index array or a slice)."""
+        return CaloChallengeSet(self.incident_energies[rows], self.showers[rows])
+
     def grid(self, num_layers: int, num_alpha: int, num_r: int) -> np.ndarray:
         """``(N, layers, alpha, r)``: the flattening order is r fastest, then alpha, then layer."""
         return self.showers.reshape(len(self), num_layers, num_alpha, num_r)

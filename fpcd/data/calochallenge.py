@@ -177,7 +177,9 @@ def load(path: str, geometry: CylindricalGeometry) -> CaloChallengeSet:
     if found != geometry.num_voxels:
         fits = [d for d in DATASETS if dataset_geometry(d).num_voxels == found]
         hint = f" (the voxel count of dataset {' or '.join(fits)})" if fits else ""
-        raise CaloChallengeError(f"{path}: showers have {found} voxels{hint}, but the {geometry.name} binning has "
+        own = [d for d in DATASETS if dataset_geometry(d) == geometry]
+        binning = f"dataset {own[0]}'s binning ({geometry.name})" if own else f"the {geometry.name} binning"
+        raise CaloChallengeError(f"{path}: showers have {found} voxels{hint}, but {binning} has "
                                  f"{geometry.num_voxels} ({geometry.num_layers} layers)")
     return data
 

@@ -38,6 +38,7 @@ from fpcd.data.calo import EPIC_FORWARD_HCAL, CaloChallengeSet, CaloDataError, f
 from fpcd.data.standardisation import Standardisation, feature_bounds
 from fpcd.experiments.calo_evaluation import (GROUP, CaloEvaluation, comparison_table,  # noqa: F401 (public here)
                                               voxel_observables, w1_block)
+from fpcd.experiments.calo_generation import CaloGeneration
 from fpcd.experiments.two_stage import (TwoStageExperiment, array_stage, bucketed_stage, resmlp_from, sample_global,
                                         sample_set, split)
 from fpcd.nets import score_fn_from
@@ -84,6 +85,7 @@ class CaloData:
             logs = transforms.image_to_log_fractions(to_voxels(self.train.cells, group=GROUP))
             self.image_stats = Standardisation.fit(logs.ravel())
             self.images = self.image_stats.apply(logs)
+            self.image_shape = self.images.shape[1:]
             self.bounds["image"] = (np.float32(self.images.min()), np.float32(self.images.max()))
 
     def stage2_cond(self, cluster_std, cond_std):
@@ -104,7 +106,7 @@ class CaloData:
         return {"x": x, "mask": mask, "cond": self.stage2_cond(self.cluster[idx], self.cond[idx])}
 
 
-class CaloExperiment(CaloEvaluation, TwoStageExperiment):
+class CaloExperiment(CaloEvaluation, CaloGeneration, TwoStageExperiment):
     GLOBAL_STAGE, SET_STAGE = "cluster", "cells"
     GLOBAL_MODEL, SET_MODEL = "cluster_model", "cell_model"
     IDENTITY_FIELDS = ("experiment", "seed", "representation", "data", "sde", "cluster_model", "cell_model",
@@ -258,7 +260,7 @@ class CaloExperiment(CaloEvaluation, TwoStageExperiment):
         x, nfe, seconds = sampler(
             lambda cond, mask: score_fn_from(models["image"], self.sde, prediction=cfg.train_set.prediction, cond=cond,
                                              x0_bounds=self.x0_bounds(data, "image")),
-            key, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=data.images.shape[1:], run=run,
+            key, num_samples=n, batch_size=self.batch_size(n, sampler), sample_shape=data.image_shape, run=run,
             description="sample voxel images", conditions=cond2)
         finite &= np.all(np.isfinite(x), axis=(1, 2, 3))
         logs = data.image_stats.invert(np.where(finite[:, None, None, None], x, -10.0))

@@ -24,6 +24,7 @@ truth-vs-truth AUCs); NFE and ms per event of every sampler run.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -151,6 +152,22 @@ class EicExperiment(TwoStageExperiment):
                 "seconds": total, "ms_per_event": 1000.0 * total / n, "num_nonfinite": int(np.sum(~finite)),
                 "sharp_fraction": transforms.sharp_fraction(particles, mask)}
         return {"particles": events.particles, "kinematics": events.kinematics, "finite": finite}, info
+
+    # --- generate mode ------------------------------------------------------------------------
+
+    def generation_state(self, data: EicData) -> dict:
+        return {"stats": data.stats.to_dict(), "lengths": list(data.lengths)}
+
+    def generation_data(self, state: dict):
+        """What :meth:`generate` reads of the data (the standardisation, the bucket lengths)."""
+        return SimpleNamespace(stats=transforms.EicStandardisation.from_dict(state["stats"]),
+                               lengths=tuple(state["lengths"]))
+
+    def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):
+        """Events in the raw EIC layout (:func:`fpcd.data.eic.load` reads it): ``particles (N, 50, 5)``
+        and ``kinematics``."""
+        arrays, _ = self.generate(data, models, "", run, key, sampler, num_samples=num_events)
+        return {"particles": arrays["particles"], "kinematics": arrays["kinematics"]}
 
     # --- evaluation ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from fpcd.data import jet_transforms
 from fpcd.data.jetnet import JET_TYPES, JetDataError, JetSet, cached_generate, load
 from fpcd.data.standardisation import feature_bounds
 from fpcd.metrics import jets as jet_metrics
+from fpcd.experiments.jetnet_generation import JetNetGeneration
 from fpcd.experiments.two_stage import TwoStageExperiment, array_stage, run_row, sample_global, sample_set, split
 from fpcd.plots.common import nfe_vs_w1
 from fpcd.plots.jets import compare
@@ -127,7 +128,7 @@ def validate_jet_data(cfg) -> tuple[str, ...]:
     return types
 
 
-class JetNetExperiment(TwoStageExperiment):
+class JetNetExperiment(JetNetGeneration, TwoStageExperiment):
     GLOBAL_STAGE, SET_STAGE = "jet", "particle"
     GLOBAL_MODEL, SET_MODEL = "jet_model", "particle_model"
     RECORD_MEMORY = False

@@ -271,3 +271,14 @@ class TwoStageExperiment(Experiment):
     def stages(self, data):
         global_model, set_model = self.models(data)
         return self.global_stage(data, global_model), self.set_stage(data, set_model)
+
+    def generation_stages(self, data):
+        """Both stages as model templates, from the data of ``--mode=generate`` (no training batches)."""
+        global_model, set_model = self.models(data)
+
+        def no_batches(step, rows):
+            raise RuntimeError("--mode=generate has no training data")
+
+        return tuple(Stage(s["name"], model, s["section"], s["key"], no_batches)
+                     for s, model in ((self.stage_settings("global"), global_model),
+                                      (self.stage_settings("set"), set_model)))

@@ -191,6 +191,37 @@ class Experiment(abc.ABC):
     def samples_file(self, group: str) -> str:
         return f"samples_{group}.h5" if group else "samples.h5"
 
+    # hooks of --mode=generate (fpcd.runner.generation) -----------------------------------------
+
+    def generation_state(self, data) -> dict | None:
+        """What generating needs besides the trained models, from the training ``data``, as JSON
+        (standardisations, geometry, padded lengths, the conditions' training range); saved with
+        the workdir. None (the default): the experiment has no generate mode."""
+        return None
+
+    def generation_data(self, state: dict):
+        """The ``data`` that :meth:`generation_stages`, :meth:`generation_conditions` and
+        :meth:`generate_chunk` read, rebuilt from a saved :meth:`generation_state`."""
+        raise ConfigError(f"--mode=generate: the {self.cfg.experiment} experiment has no generate mode")
+
+    def generation_stages(self, data) -> tuple[Stage, ...]:
+        """The stages (as model templates to restore into) from :meth:`generation_data`'s ``data``."""
+        return self.stages(data)
+
+    def validate_generate(self) -> None:
+        """Check the experiment's own fields of ``config.generate``."""
+
+    def generation_conditions(self, data, num_events: int, rng) -> dict:
+        """Per-event conditions of ``num_events`` events (``name -> (num_events, ...)``), drawn once
+        with the numpy ``rng``; ``{}`` (the default) when events are unconditional."""
+        return {}
+
+    def generate_chunk(self, data, models: dict, run: dict, key, sampler, num_events: int, conditions: dict) -> dict:
+        """``num_events`` events at ``conditions`` (their rows of :meth:`generation_conditions`)
+        with one sampler ``run``: host arrays named and shaped as the data's own files, so that the
+        joined output is a file of the community layout."""
+        raise ConfigError(f"--mode=generate: the {self.cfg.experiment} experiment has no generate mode")
+
     # helpers for the hooks ---------------------------------------------------------------------
 
     def require_held_out(self, available: int, what: str) -> None:

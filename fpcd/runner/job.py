@@ -10,19 +10,22 @@ from fpcd.io import write_json
 from fpcd.runner.distillation import distill, require_trained, restore_students, sampled_students
 from fpcd.runner.errors import explain_nonfinite
 from fpcd.runner.experiment import Experiment
+from fpcd.runner.generation import generate, save_generation_state
 from fpcd.runner.processes import is_main_process, say
 from fpcd.runner.runs import generate_all, read_samples, write_samples
 from fpcd.runner.training import TRAIN_INFO_FILE, check_batch_sizes, restore_models, train
 from fpcd.runner.workdir import check_checkpoints, check_workdir, lock_workdir, prepare_workdir, read_json
 
 METRICS_FILE = "metrics.json"
-MODES = ("train", "distill", "sample", "eval", "all")
+MODES = ("train", "distill", "sample", "eval", "all", "generate")
 
 
 def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) -> dict | None:
-    """Run ``mode`` (``train``, ``distill``, ``sample``, ``eval`` or ``all``) of ``experiment`` in ``workdir``.
+    """Run ``mode`` (``train``, ``distill``, ``sample``, ``eval``, ``all`` or ``generate``) of
+    ``experiment`` in ``workdir``.
 
-    Returns the metrics (``eval`` and ``all``) or None. Raises :class:`ConfigError` for a bad
+    Returns the metrics (``eval`` and ``all``) or None. ``generate`` writes ``config.generate.num_events``
+    events from the trained workdir alone (:mod:`fpcd.runner.generation`). Raises :class:`ConfigError` for a bad
     config, a workdir of another run (its ``config.json`` or its checkpoints), a training batch
     larger than the training data, or a mode that needs a run the workdir does not hold;
     :class:`fpcd.io.WorkdirLockedError` while another run holds the workdir; the data errors of the
@@ -37,10 +40,14 @@ def train_and_evaluate(experiment: Experiment, workdir: str, mode: str, mesh) ->
         raise ConfigError("--mode=distill: config.distill.rounds is 0; set e.g. --config.distill.rounds=3"
                           if "distill" in cfg else "--mode=distill: this config has no distill section")
     config = cfg.to_dict()
-    if mode in ("distill", "sample", "eval") and not check_workdir(workdir, config, *_identity(experiment)):
+    if mode in ("distill", "sample", "eval", "generate") and not check_workdir(workdir, config, *_identity(experiment)):
         raise ConfigError(f"workdir {workdir} holds no run; run with --mode=train (or all) first")
     lock = lock_workdir(workdir)
     try:
+        if mode == "generate":  # from the workdir alone: no training data, config.json unchanged
+            check_checkpoints(workdir, config, *_identity(experiment))
+            generate(experiment, workdir, mesh)
+            return None
         return _run_mode(experiment, workdir, mode, mesh, config)
     finally:
         lock.release()
@@ -75,6 +82,7 @@ def _run_mode(experiment: Experiment, workdir: str, mode: str, mesh, config: dic
     elif mode == "eval":
         samples = {group: read_samples(os.path.join(workdir, experiment.samples_file(group))) for group in groups}
     prepare_workdir(workdir, config, *identity)
+    save_generation_state(experiment, data, workdir)
 
     if mode in ("train", "all"):
         models = train(experiment, stages, mesh, workdir)
