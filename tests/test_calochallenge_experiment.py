@@ -155,8 +155,12 @@ def test_generate_after_a_full_disk_keeps_its_chunks_and_resumes(workdir, tmp_pa
     with pytest.raises(DiskFullError):
         _generate(workdir, num_events=n, chunk_size=chunk, output=str(output))
     monkeypatch.setattr(generation, "save_hdf5", real_save)
-    assert os.listdir(str(output) + ".parts") == [generation.MANIFEST_FILE, "chunk_000000.h5"] or \
-        sorted(os.listdir(str(output) + ".parts")) == sorted([generation.MANIFEST_FILE, "chunk_000000.h5"])
+    assert sorted(os.listdir(str(output) + ".parts")) == ["chunk_000000.h5", generation.MANIFEST_FILE]
+    # The chunks depend on the sampling settings too: finishing with another batch size is refused.
+    cfg = _config(num_events=n, chunk_size=chunk, output=str(output))
+    cfg.sampling.batch_size = 8
+    with pytest.raises(ConfigError, match=r"part-finished generation with other settings \(sampling\)"):
+        train_and_evaluate(CaloChallengeExperiment(cfg, progress=False), str(workdir), "generate", data_mesh())
     resumed = _generate(workdir, num_events=n, chunk_size=chunk, output=str(output))
     for name in reference:
         np.testing.assert_array_equal(resumed[name], reference[name])
@@ -310,3 +314,26 @@ def test_model_points_write_the_angle_on_the_circle_and_invert_exactly():
     np.testing.assert_allclose(np.mod(rotated[..., 2] - points[..., 2] - turns[:, None] + 8, 16) - 8, 0.0, atol=1e-9)
     # Decoding needs only the direction of (cos, sin): a model's point off the circle lands on its angle.
     np.testing.assert_allclose(voxel_points_of(x * [1, 1, 0.3, 0.3, 1], 16), back, atol=1e-9)
+
+
+def test_separation_powers_use_the_challenge_bins_and_drop_what_they_do_not_hold():
+    from fpcd.experiments.calochallenge_evaluation import family_means, feature_bins, separation_powers
+
+    np.testing.assert_array_equal(feature_bins("E_ratio", [1.0], 10), np.linspace(0.5, 1.5, 101))
+    np.testing.assert_array_equal(feature_bins("EC_eta_3", [0.0], 10), np.linspace(-30, 30, 101))
+    np.testing.assert_array_equal(feature_bins("width_phi_3", [0.0], 10), np.linspace(0, 30, 101))
+    layer_bins = feature_bins("E_layer_3", [5.0, 200.0], 10)
+    assert len(layer_bins) == 40 and layer_bins[0] == pytest.approx(0.01515, rel=1e-3)
+    assert layer_bins[-1] == pytest.approx(200.0)
+    rng = np.random.default_rng(1)
+    energies = rng.lognormal(2.0, 1.0, 4000)
+    # An empty layer (0 MeV) is below the first bin: left out, as in the challenge, so a sample that
+    # differs from the reference only by empty layers has the reference's histogram.
+    reference = {"E_layer_3": np.concatenate([energies, np.zeros(2000)]), "E_ratio": rng.uniform(0.9, 1.0, 100),
+                 "num_hits": rng.integers(100, 200, 100).astype(float)}
+    generated = {"E_layer_3": energies, "E_ratio": rng.uniform(0.2, 0.4, 100), "num_hits": reference["num_hits"]}
+    powers = separation_powers(reference, generated, 10)
+    assert powers["E_layer_3"] == 0.0 and powers["num_hits"] == 0.0
+    assert powers["E_ratio"] == 1.0  # every generated value below the challenge's 0.5: as separated as can be
+    means = family_means({"E_ratio": 0.2, "E_layer_1": 0.1, "E_layer_2": 0.3, "num_hits": 0.9})
+    assert means["E_layer"] == pytest.approx(0.2) and means["all"] == pytest.approx(0.6 / 3)  # num_hits left out

@@ -54,8 +54,11 @@ class CaloGeneration:
         return CaloGenerationData(state)
 
     def validate_generate(self) -> None:
+        if self.cfg.representation != "cloud":
+            raise ConfigError("--mode=generate writes the point-cloud layout; the image representation's showers "
+                              "are in samples.h5 (voxels) from --mode=sample")
         for field, high, unit in (("momentum_range", float("inf"), "GeV"), ("theta_range", 60.0, "deg")):
-            if tuple(self.cfg.generate[field]):
+            if self.cfg.generate[field] != ():
                 require_range(self.cfg, f"generate.{field}", low=0.0, high=high, unit=unit,
                               open_low=field == "momentum_range")
 
@@ -77,9 +80,6 @@ class CaloGeneration:
         return out
 
     def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):
-        if self.cfg.representation != "cloud":
-            raise ConfigError("--mode=generate writes the point-cloud layout; the image representation's showers "
-                              "are in samples.h5 (voxels) from --mode=sample")
         arrays, _ = self.generate(data, models, "", run, key, sampler, momentum=conditions["momentum"],
                                   theta=conditions["theta"])
-        return {"hcal_cells": arrays["hcal_cells"], "cluster": arrays["cluster"]}
+        return {"hcal_cells": arrays["hcal_cells"], "cluster": arrays["cluster"], "keep": arrays["finite"]}

@@ -35,7 +35,8 @@ from fpcd.data import calochallenge_transforms as transforms
 from fpcd.data.calo import CaloChallengeSet, CaloDataError
 from fpcd.data.standardisation import Standardisation
 from fpcd.experiments.calochallenge_evaluation import CaloChallengeEvaluation
-from fpcd.experiments.calochallenge_generation import CaloChallengeGeneration, GenerationState, rescale
+from fpcd.experiments.calochallenge_generation import (MIN_LAYER_SHARE, CaloChallengeGeneration, GenerationState,
+                                                       rescale)
 from fpcd.experiments.calochallenge_generation import read_incident_energies  # noqa: F401 (public here)
 from fpcd.experiments.two_stage import TwoStageExperiment, bucketed_stage, sample_global, sample_set, split
 from fpcd.runner import main_process_first
@@ -61,7 +62,6 @@ def voxel_points_of(x, num_alpha: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
     phi = np.mod(np.arctan2(x[..., 3], x[..., 2]), 2.0 * np.pi)
     return np.stack([x[..., 0], x[..., 1], phi * num_alpha / (2.0 * np.pi) - 0.5, x[..., 4]], axis=-1)
-MIN_LAYER_SHARE = 1e-6  # layer shares are modelled as log10(max(share, MIN_LAYER_SHARE))
 DATASETS = ("2", "3")
 
 

@@ -4,9 +4,10 @@ For every sampler run, against the first ``sampling.num_samples`` held-out showe
 showers are drawn at their incident energies), with the same numbers between two disjoint held-out
 halves beside them (the truth-vs-truth floors):
 
-* the separation power (the challenge's histogram distance, :func:`fpcd.metrics.calochallenge.separation_power`)
-  of every high-level feature (:func:`~fpcd.metrics.calochallenge.high_level_features`) and of the
-  number of hit voxels, with the mean per feature family;
+* the separation power (the challenge's histogram distance, :func:`fpcd.metrics.calochallenge.separation_power`,
+  on the challenge's bins) of every high-level feature (:func:`~fpcd.metrics.calochallenge.high_level_features`)
+  and of the number of hit voxels (not a challenge feature; left out of the overall mean), with the
+  mean per feature family;
 * FPD and KPD on the high-level vector (:func:`~fpcd.metrics.calochallenge.physics_distances`);
 * the classifier AUC on the high-level vector and on the low-level (voxel) input (voxel energies
   over the incident energy, with log10 E_inc: the challenge's low-level classifier input);
@@ -39,42 +40,55 @@ def feature_table(showers, incident_energies, geometry) -> dict:
     return features
 
 
-def histogram_view(name: str, values) -> np.ndarray:
-    """The variable a feature is histogrammed in: log10 of energies (MeV, 1e-3 added), else itself."""
-    values = np.asarray(values, np.float64)
-    return np.log10(values + 1e-3) if name.startswith("E_layer_") else values
+# The challenge's histograms (its evaluate.py, datasets 2 and 3): E_ratio on 100 bins in [0.5, 1.5],
+# layer energies on 39 log bins from 0.5 keV / 0.033 (the 15.15 keV threshold) to the reference's
+# maximum, centres of energy on 100 bins in [-30, 30] mm and widths in [0, 30] mm; entries beyond
+# the bins are dropped, as np.histogram does.
+MIN_LAYER_ENERGY_MEV = 0.5e-3 / 0.033
 
 
 def feature_bins(name: str, reference, num_bins: int) -> np.ndarray:
-    """``num_bins`` equal bins spanning the reference's 0.1-99.9 % range of a feature (in its
-    :func:`histogram_view`); a constant feature gets a unit-wide range."""
-    values = histogram_view(name, reference)
-    low, high = np.quantile(values, [0.001, 0.999]) if len(values) else (0.0, 1.0)
+    """The bin edges of a feature: the challenge's (above) for its high-level features; for
+    ``num_hits`` (not one of them) ``num_bins`` equal bins over the reference's 0.1-99.9 % range."""
+    reference = np.asarray(reference, np.float64)
+    if name == "E_ratio":
+        return np.linspace(0.5, 1.5, 101)
+    if name.startswith("E_layer_"):
+        high = float(reference.max()) if len(reference) else 1.0
+        return np.logspace(np.log10(MIN_LAYER_ENERGY_MEV), np.log10(max(high, 10 * MIN_LAYER_ENERGY_MEV)), 40)
+    if name.startswith("EC_"):
+        return np.linspace(-30.0, 30.0, 101)
+    if name.startswith("width_"):
+        return np.linspace(0.0, 30.0, 101)
+    low, high = np.quantile(reference, [0.001, 0.999]) if len(reference) else (0.0, 1.0)
     if not high > low:
         low, high = low - 0.5, high + 0.5
     return np.linspace(low, high, num_bins + 1)
 
 
+def histogram_view(name: str, values) -> np.ndarray:
+    """The variable a feature is drawn in: log10 of layer energies (MeV), else the feature itself."""
+    values = np.asarray(values, np.float64)
+    return np.log10(np.maximum(values, 1e-12)) if name.startswith("E_layer_") else values
+
+
 def separation_powers(reference: dict, generated: dict, num_bins: int) -> dict:
     """``feature -> separation power`` of ``generated`` against ``reference`` (both from
-    :func:`feature_table`), on :func:`feature_bins` of the reference; values beyond the bins are
-    counted in the outermost bins, so that tails show."""
-    out = {}
-    for name, ref in reference.items():
-        edges = feature_bins(name, ref, num_bins)
-        clip = lambda v: np.clip(histogram_view(name, v), edges[0], edges[-1])  # noqa: E731
-        out[name] = cc_metrics.separation_power(clip(ref), clip(generated[name]), edges)
-    return out
+    :func:`feature_table`) on :func:`feature_bins` (the challenge's bins; entries outside them
+    dropped, as in the challenge)."""
+    return {name: cc_metrics.separation_power(ref, generated[name], feature_bins(name, ref, num_bins))
+            for name, ref in reference.items()}
 
 
 def family_means(powers: dict) -> dict:
-    """Mean separation power per feature family (:data:`FAMILIES`) and over every feature (``all``)."""
+    """Mean separation power per feature family (:data:`FAMILIES`) and over the challenge's
+    high-level features (``all``: every feature but ``num_hits``)."""
     out = {}
     for family in FAMILIES:
         values = [v for k, v in powers.items() if k == family or (family.endswith("_") and k.startswith(family))]
         if values:
             out[family.rstrip("_")] = float(np.mean(values))
-    out["all"] = float(np.mean(list(powers.values())))
+    out["all"] = float(np.mean([v for k, v in powers.items() if k != "num_hits"]))  # the challenge's features
     return out
 
 
@@ -185,8 +199,8 @@ class CaloChallengeEvaluation:
         names = ["E_ratio", "num_hits"] + [f"E_layer_{l}" for l in layers] + \
                 [f"{kind}_{l}" for kind in ("EC_eta", "width_eta") for l in layers[len(layers) // 2:][:1]]
         names = [n for n in names if n in ref]
-        feature_histograms(ref, generated, names, {n: feature_bins(n, ref[n], int(self.cfg.eval.num_bins))
-                                                   for n in names}, histogram_view,
+        bins = {n: histogram_view(n, feature_bins(n, ref[n], int(self.cfg.eval.num_bins))) for n in names}
+        feature_histograms(ref, generated, names, bins, histogram_view,
                            os.path.join(figures_dir, "calochallenge_features.png"),
                            title=f"CaloChallenge dataset {data.state.dataset}: generated vs held-out showers")
         shower_profiles(truth.showers, {n: self._finite(r)[0] for n, r in samples[""].items()}, data.state.geometry,

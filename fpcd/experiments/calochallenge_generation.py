@@ -15,6 +15,8 @@ from fpcd.config import ConfigError, require_range
 from fpcd.data import calochallenge as cc
 from fpcd.data.standardisation import Standardisation
 
+MIN_LAYER_SHARE = 1e-6  # layer shares are modelled as log10(max(share, MIN_LAYER_SHARE)): an empty layer is the floor
+
 
 class GenerationState:
     """What generating showers needs besides the trained models: the geometry, the standardisations,
@@ -64,15 +66,21 @@ class CaloChallengeGeneration:
         return data.state.to_dict()
 
     def generation_data(self, state: dict):
-        return GenerationData(GenerationState.from_dict(state))
+        """The saved state, with the readout threshold of this config (it acts on generated showers only)."""
+        state = GenerationState.from_dict(state)
+        state.threshold_mev = float(self.cfg.data.threshold_mev)
+        return GenerationData(state)
 
     def validate_generate(self) -> None:
         g = self.cfg.generate
-        if g.conditions_file and tuple(g.energy_range):
+        if not isinstance(g.conditions_file, str):
+            raise ConfigError(f"config.generate.conditions_file must be a path (a string), got {g.conditions_file!r}")
+        asked = g.energy_range != () and g.energy_range is not None
+        if asked:
+            require_range(self.cfg, "generate.energy_range", low=0.0, high=float("inf"), unit="MeV", open_low=True)
+        if g.conditions_file and asked:
             raise ConfigError("config.generate.conditions_file and config.generate.energy_range are both set; "
                               "give one")
-        if tuple(g.energy_range):
-            require_range(self.cfg, "generate.energy_range", low=0.0, high=float("inf"), unit="MeV", open_low=True)
 
     def generation_conditions(self, data, num_events: int, rng) -> dict:
         """``incident_energies (num_events,)`` MeV: those of ``generate.conditions_file`` (an hdf5
@@ -95,7 +103,7 @@ class CaloChallengeGeneration:
 
     def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):
         arrays, _ = self.generate_showers(data.state, models, run, key, sampler, conditions["incident_energies"])
-        return {"incident_energies": arrays["incident_energies"], "showers": arrays["showers"]}
+        return {"incident_energies": arrays["incident_energies"], "showers": arrays["showers"], "keep": arrays["finite"]}
 
 
 class GenerationData:
@@ -127,11 +135,14 @@ def read_incident_energies(path: str) -> np.ndarray:
 
 def rescale(showers, state: GenerationState, total, globals_=None) -> np.ndarray:
     """Showers scaled to the sampled deposited energy ``total (N,)`` (MeV): with ``globals_`` (the
-    layer shares of stage 1) each layer with hits first takes its sampled share; then voxels below
-    the readout threshold are cut."""
+    layer shares of stage 1) each layer with hits first takes its sampled share (a share at the
+    floor of empty layers empties it); then voxels below the readout threshold are cut."""
     showers = np.asarray(showers, np.float64)
     if globals_ is not None:
-        shares = 10.0 ** globals_[:, 2:]
+        # An empty layer is MIN_LAYER_SHARE in training: a sampled share within a factor 3 of it
+        # empties the layer, instead of scaling its points to a share no real layer has.
+        log_shares = globals_[:, 2:]
+        shares = np.where(log_shares < np.log10(3 * MIN_LAYER_SHARE), 0.0, 10.0 ** log_shares)
         for i, s in enumerate(state.geometry.layer_slices()):
             layer_sum = showers[:, s].sum(axis=1)
             scale = np.where(layer_sum > 0, shares[:, i] * total / np.where(layer_sum > 0, layer_sum, 1.0), 0.0)

@@ -165,9 +165,9 @@ class EicExperiment(TwoStageExperiment):
 
     def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):
         """Events in the raw EIC layout (:func:`fpcd.data.eic.load` reads it): ``particles (N, 50, 5)``
-        and ``kinematics``."""
+        and ``kinematics``; events whose model output was not finite are left out (``keep``)."""
         arrays, _ = self.generate(data, models, "", run, key, sampler, num_samples=num_events)
-        return {"particles": arrays["particles"], "kinematics": arrays["kinematics"]}
+        return {"particles": arrays["particles"], "kinematics": arrays["kinematics"], "keep": arrays["finite"]}
 
     # --- evaluation ---------------------------------------------------------------------------
 

@@ -45,20 +45,22 @@ class JetNetGeneration:
 
     def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):
         """Jets in the JetNet layout (``particle_features (N, P, 4)``, ``jet_features (N, 4)``) and
-        ``jet_type`` (the index into ``config.data.jet_types`` of each jet); jets whose model output
-        was not finite are dropped (as in sampling)."""
+        ``jet_type`` (the index into ``config.data.jet_types`` of each jet), in the events' order.
+        Jets whose model output was not finite are left out (``keep``): the events of one type share
+        their condition, so a type's surviving jets fill its first events."""
         index = np.asarray(conditions["jet_type"])
-        out = {"particle_features": [], "jet_features": [], "jet_type": []}
-        rows = []
+        out = {"particle_features": None, "jet_features": None}
+        keep = np.zeros(len(index), bool)
         for t, jet_type in enumerate(data.types):
             members = np.flatnonzero(index == t)
             if not len(members):
                 continue
             arrays, _ = self.generate(data, models, jet_type, run, jax.random.fold_in(key, t), sampler,
                                       num_samples=len(members))
-            for name in ("particle_features", "jet_features"):
-                out[name].append(arrays[name])
-            out["jet_type"].append(np.full(len(arrays["jet_features"]), t, np.int32))
-            rows.append(members[:len(arrays["jet_features"])])
-        order = np.argsort(np.concatenate(rows), kind="stable")  # the events' order
-        return {name: np.concatenate(parts)[order] for name, parts in out.items()}
+            survivors = members[:len(arrays["jet_features"])]
+            for name in out:
+                if out[name] is None:
+                    out[name] = np.zeros((len(index),) + arrays[name].shape[1:], arrays[name].dtype)
+                out[name][survivors] = arrays[name]
+            keep[survivors] = True
+        return {**out, "jet_type": index.astype(np.int32), "keep": keep}

@@ -53,13 +53,15 @@ def high_level_features(showers, incident_energies, geometry: CylindricalGeometr
 def separation_power(reference, generated, bins) -> float:
     """The challenge's histogram distance ``1/2 sum_i (h1_i - h2_i)^2 / (h1_i + h2_i)`` of the two
     samples' normalised histograms over ``bins`` (edges; entries outside are dropped, as
-    ``np.histogram`` does): 0 for identical histograms, 1 for disjoint ones."""
+    ``np.histogram`` does): 0 for identical histograms, 1 for disjoint ones, and 1 when one sample
+    has no entry inside the bins and the other has (0 when neither has)."""
     edges = np.asarray(bins, np.float64)
-    counts = []
-    for sample in (reference, generated):
-        density, _ = np.histogram(np.asarray(sample, np.float64), bins=edges, density=True)
-        counts.append(density * np.diff(edges))
-    h1, h2 = counts
+    counts = [np.histogram(np.asarray(sample, np.float64), bins=edges)[0].astype(np.float64)
+              for sample in (reference, generated)]
+    totals = [c.sum() for c in counts]
+    if min(totals) == 0:
+        return 0.0 if max(totals) == 0 else 1.0
+    h1, h2 = (c / t for c, t in zip(counts, totals))
     return float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + EPSILON)))
 
 

@@ -26,8 +26,8 @@ def _label(name: str) -> str:
 def feature_histograms(truth: dict, generated: dict, names, bins: dict, view, path: str, *, title: str = "") -> str:
     """One histogram panel with its generated/truth ratio panel per feature of ``names``:
     ``truth`` and ``generated[run]`` map feature names to per-shower values, ``bins[name]`` are the
-    edges in the histogrammed variable ``view(name, values)``; values beyond the edges are counted
-    in the outermost bins."""
+    edges in the histogrammed variable ``view(name, values)``; values beyond the edges are left
+    out (as in the challenge's histograms)."""
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
     fig = plt.figure(figsize=(4.2 * cols, 4.4 * rows))
@@ -38,10 +38,11 @@ def feature_histograms(truth: dict, generated: dict, names, bins: dict, view, pa
         bottom = fig.add_subplot(panel[1], sharex=top)
         edges = bins[name]
 
-        def clip(values):
-            return np.clip(view(name, values), edges[0], edges[-1])
+        def inside(values):
+            values = view(name, values)
+            return values[(values >= edges[0]) & (values <= edges[-1])]
 
-        histograms_with_ratio(top, bottom, clip(truth[name]), {run: clip(f[name]) for run, f in generated.items()},
+        histograms_with_ratio(top, bottom, inside(truth[name]), {run: inside(f[name]) for run, f in generated.items()},
                               edges, _label(name))
         if i == 0:
             top.legend(fontsize=7)

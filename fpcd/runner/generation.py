@@ -23,12 +23,15 @@ written so far intact. The parts directory records the settings it was made with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
+import warnings
 
+import equinox as eqx
 import h5py
 import jax
 import numpy as np
@@ -36,7 +39,7 @@ import numpy as np
 from fpcd.config import student_steps, validate_generate
 from fpcd.data.common import save_hdf5
 from fpcd.errors import ConfigError
-from fpcd.io import write_json
+from fpcd.io import atomic_write, write_json
 from fpcd.runner.batching import BatchSampler
 from fpcd.runner.distillation import restore_students
 from fpcd.runner.experiment import Experiment
@@ -47,6 +50,7 @@ GENERATION_STATE_FILE = "generation_state.json"
 DEFAULT_OUTPUT = "generated.h5"
 GENERATE_KEY_INDEX = 2**20  # generate draws from fold_in(key("sampling"), GENERATE_KEY_INDEX + seed): no run's key
 MANIFEST_FILE = "manifest.json"
+KEEP = "keep"  # generate_chunk may return this (N,) bool: the events to write (False: non-finite output)
 
 
 def save_generation_state(experiment: Experiment, data, workdir: str) -> None:
@@ -86,10 +90,25 @@ def resolve_sampler(cfg) -> tuple[str, dict, str | int]:
     raise ConfigError(f"config.generate.sampler={name!r} is not a run of this config; choose one of {offered}")
 
 
-def _manifest(cfg, name: str, run: dict) -> dict:
-    g = cfg.generate.to_dict()
-    return {"experiment": cfg.experiment, "sampler": name, "run": run,
-            **{k: v for k, v in g.items() if k not in ("output", "overwrite")}}
+def _digest(value) -> str:
+    """sha256 of a JSON-able value, or of the array leaves of a pytree of models."""
+    h = hashlib.sha256()
+    if isinstance(value, dict) and all(isinstance(v, eqx.Module) for v in value.values()):
+        for name in sorted(value):
+            for leaf in jax.tree_util.tree_leaves(eqx.filter(value[name], eqx.is_array)):
+                h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    else:
+        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _manifest(cfg, name: str, run: dict, *, state: dict, models: dict, devices: int) -> dict:
+    """Everything a chunk depends on: the generate settings, the sampling and data sections, the
+    number of devices, and digests of the generation state and of the models' parameters (a model
+    trained further since, or another state, is another generation)."""
+    g = {k: v for k, v in cfg.generate.to_dict().items() if k not in ("output", "overwrite")}
+    return {"experiment": cfg.experiment, **g, "sampler": name, "run": run, "sampling": cfg.sampling.to_dict(),
+            "data": cfg.data.to_dict(), "devices": devices, "state": _digest(state), "models": _digest(models)}
 
 
 def _chunk_path(parts: str, chunk: int) -> str:
@@ -97,41 +116,88 @@ def _chunk_path(parts: str, chunk: int) -> str:
 
 
 def _prepare_output(output: str, parts: str, manifest: dict, overwrite: bool) -> None:
-    """Refuse an existing output (unless ``overwrite``) or parts of other settings; start the parts."""
+    """Refuse an existing output (unless ``overwrite``) or parts of other settings, then (process 0,
+    after every process has checked) clear what ``overwrite`` replaces and start the parts."""
+    remove_output = remove_parts = False
     if os.path.exists(output):
         if not overwrite:
             raise ConfigError(f"config.generate.output: {output} exists; set --config.generate.overwrite=True to "
                               "replace it, or choose another file")
-        if is_main_process():
-            os.remove(output)
+        remove_output = True
     manifest_path = os.path.join(parts, MANIFEST_FILE)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             saved = json.load(f)
-        if saved != json.loads(json.dumps(manifest)):
+        wanted = json.loads(json.dumps(manifest))  # as it reads back (tuples are lists)
+        if saved != wanted:
             if not overwrite:
-                changed = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+                changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
                 raise ConfigError(f"{parts} holds a part-finished generation with other settings ({', '.join(changed)}); "
                                   "rerun with its settings to finish it, or set --config.generate.overwrite=True")
-            if is_main_process():
-                shutil.rmtree(parts)
+            remove_parts = True
+    elif os.path.isdir(parts):  # chunks without their manifest: of unknown settings
+        remove_parts = True
+    _barrier("checked")
     if is_main_process():
+        if remove_output:
+            os.remove(output)
+        if remove_parts:
+            shutil.rmtree(parts)
         os.makedirs(parts, exist_ok=True)
-        write_json(manifest_path, manifest)
+        if not os.path.exists(manifest_path):
+            write_json(manifest_path, manifest)
 
 
-def _join_parts(output: str, parts: str, num_chunks: int, attrs: dict) -> None:
-    """Concatenate the chunks into ``output`` (atomically), then remove the parts (process 0)."""
+def _join_parts(output: str, parts: str, num_chunks: int, attrs: dict) -> int:
+    """Copy the chunks, in order, into ``output`` (written atomically, one chunk in memory at a
+    time), then remove the parts (renamed first, so that a kill while removing them leaves no
+    manifest-less chunks behind); process 0. Returns the number of events written."""
     if not is_main_process():
-        return
-    arrays: dict[str, list] = {}
+        return 0
+    with h5py.File(_chunk_path(parts, 0), "r") as f:
+        layout = {name: (f[name].shape[1:], f[name].dtype) for name in f}
+    lengths = []
     for chunk in range(num_chunks):
         with h5py.File(_chunk_path(parts, chunk), "r") as f:
-            for name in f:
-                arrays.setdefault(name, []).append(f[name][()])
-    datasets = {name: np.concatenate(values) for name, values in arrays.items()}
-    save_hdf5(output, datasets, attrs, compressed=[n for n, a in datasets.items() if a.ndim >= 2])
-    shutil.rmtree(parts)
+            lengths.append(len(f[next(iter(layout))]))
+    total = int(sum(lengths))
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as out:
+            for name, (shape, dtype) in layout.items():
+                out.create_dataset(name, shape=(total,) + shape, dtype=dtype,
+                                   compression="gzip" if len(shape) >= 1 else None)
+            start = 0
+            for chunk, length in enumerate(lengths):
+                with h5py.File(_chunk_path(parts, chunk), "r") as f:
+                    for name in layout:
+                        out[name][start:start + length] = f[name][()]
+                start += length
+            for key, value in {**attrs, "num_events": total}.items():
+                out.attrs[key] = value
+
+    atomic_write(output, write)
+    removed = parts + ".removed"
+    os.replace(parts, removed)
+    shutil.rmtree(removed)
+    return total
+
+
+def _missing_chunks(parts: str, num_chunks: int) -> list[int]:
+    """The chunks not yet written, as process 0 sees them (broadcast to every process)."""
+    missing = np.array([not os.path.exists(_chunk_path(parts, c)) for c in range(num_chunks)], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    return [int(c) for c in np.flatnonzero(missing)]
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fpcd.runner.generation.{name}")
 
 
 def generate(experiment: Experiment, workdir: str, mesh) -> str:
@@ -141,7 +207,8 @@ def generate(experiment: Experiment, workdir: str, mesh) -> str:
     validate_generate(cfg)
     experiment.validate_generate()
     g = cfg.generate
-    data = experiment.generation_data(read_generation_state(workdir))
+    state = read_generation_state(workdir)
+    data = experiment.generation_data(state)
     stages = experiment.generation_stages(data)
     name, run, which = resolve_sampler(cfg)
     models = (restore_models(experiment, stages, mesh, workdir) if which == "teacher"
@@ -150,16 +217,16 @@ def generate(experiment: Experiment, workdir: str, mesh) -> str:
     if not os.path.isdir(os.path.dirname(output)):
         raise ConfigError(f"config.generate.output={g.output!r}: the directory {os.path.dirname(output)} does not exist")
     parts = output + ".parts"
-    _prepare_output(output, parts, _manifest(cfg, name, run), bool(g.overwrite))
-    n, size = int(g.num_events), int(g.chunk_size)
+    n = int(g.num_events)
+    size = min(int(g.chunk_size), n)
+    # Every request is checked (the conditions drawn) before the output or its parts are touched.
     conditions = experiment.generation_conditions(data, n, np.random.default_rng([int(g.seed), 0]))
+    _prepare_output(output, parts, _manifest(cfg, name, run, state=state, models=models, devices=mesh.devices.size),
+                    bool(g.overwrite))
+    _barrier("prepared")
     base_key = jax.random.fold_in(experiment.key("sampling"), GENERATE_KEY_INDEX + int(g.seed))
     num_chunks = -(-n // size)
-    missing = [c for c in range(num_chunks) if not os.path.exists(_chunk_path(parts, c))]
-    if jax.process_count() > 1:  # every process has listed the chunks before any is written
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("fpcd.runner.generation.missing")
+    missing = _missing_chunks(parts, num_chunks)
     sampler = BatchSampler(experiment.sde, mesh, False)
     done, start = (num_chunks - len(missing)) * size, time.perf_counter()
     if done:
@@ -172,16 +239,19 @@ def generate(experiment: Experiment, workdir: str, mesh) -> str:
         count = min(n, (chunk + 1) * size) - chunk * size
         arrays = experiment.generate_chunk(data, models, run, jax.random.fold_in(base_key, chunk), sampler, size,
                                            {k: np.asarray(v)[rows] for k, v in conditions.items()})
+        keep = np.arange(size) < count
+        if KEEP in arrays:  # events whose model output was not finite are left out
+            keep &= np.asarray(arrays.pop(KEEP), bool)
         if is_main_process():
-            save_hdf5(_chunk_path(parts, chunk), {k: np.asarray(v)[:count] for k, v in arrays.items()})
+            save_hdf5(_chunk_path(parts, chunk), {k: np.asarray(v)[keep] for k, v in arrays.items()})
         generated += count
         done = min(n, done + count)
         say(f"[generate] {done}/{n} events ({generated / (time.perf_counter() - start):.1f} events/s, {name})")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("fpcd.runner.generation.written")
-    _join_parts(output, parts, num_chunks, {"experiment": cfg.experiment, "sampler": name, "options": json.dumps(run),
-                                            "num_events": n, "workdir": os.path.abspath(workdir)})
-    say(f"[generate] {n} events in {output}")
+    _barrier("written")
+    total = _join_parts(output, parts, num_chunks, {"experiment": cfg.experiment, "sampler": name,
+                                                     "options": json.dumps(run), "requested_events": n,
+                                                     "workdir": os.path.abspath(workdir)})
+    if is_main_process() and total < n:
+        warnings.warn(f"generate: {n - total} of {n} events had non-finite model output and were left out", stacklevel=2)
+    say(f"[generate] {total} events in {output}")
     return output
