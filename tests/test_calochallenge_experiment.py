@@ -63,13 +63,22 @@ def test_tiny_run_writes_the_challenge_metrics_figures_and_samples(workdir):
     names = run_names(cfg)
     assert list(metrics["runs"]) == names and "student_1" in names
     floor = metrics["floor"]
-    assert 0 <= floor["separation_power"]["all"] < 1 and 0 <= metrics["classifier_floor"]["low_level"] <= 1
+    # Two halves of the same held-out showers: closer to each other than any tiny model's showers
+    # (measured: floor 0.25, runs 0.36-0.46), and a classifier that cannot tell them apart beyond the
+    # noise of its 16 validation showers (measured 0.45-0.55).
+    assert 0 < floor["separation_power"]["all"] < min(r["separation_power"]["all"] for r in metrics["runs"].values())
+    for level in ("high_level", "low_level"):
+        assert abs(metrics["classifier_floor"][level] - 0.5) < 0.2
     for name, r in metrics["runs"].items():
         assert r["nfe"] == (4 if name == "ddim_4" else 1) and r["ms_per_shower"] > 0
         per_feature = r["separation_power_per_feature"]
         # every high-level feature of the 45 layers (E, EC and width in eta and phi) plus E_ratio and the hits
         assert len(per_feature) == 1 + 45 * 5 + 1 and all(0 <= v <= 1 for v in per_feature.values())
         assert r["most_separating"][0] == max(per_feature, key=per_feature.get)
+        layers = [v for k, v in per_feature.items() if k.startswith("E_layer_")]
+        assert r["separation_power"]["E_layer"] == pytest.approx(np.mean(layers))
+        assert r["separation_power"]["all"] == pytest.approx(np.mean([v for k, v in per_feature.items()
+                                                                      if k != "num_hits"]))
         assert np.isfinite(r["fpd"]) and np.isfinite(r["kpd"])
         for level in ("classifier_high_level", "classifier_low_level"):
             assert 0 <= r[level]["auc"] <= 1

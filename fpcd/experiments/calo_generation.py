@@ -7,12 +7,11 @@ layout (``hcal_cells (N, max_cells, 5)``, ``cluster (N, 4)``; :func:`fpcd.data.c
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from fpcd.config import ConfigError, require_range
 from fpcd.data.standardisation import Standardisation
+from fpcd.runner.generation import warn_beyond_training
 
 
 class CaloGenerationData:
@@ -71,9 +70,7 @@ class CaloGeneration:
         for field, name in (("momentum_range", "momentum"), ("theta_range", "theta")):
             trained = getattr(data, field)
             asked = tuple(float(v) for v in g[field]) or trained
-            if asked[0] < trained[0] * (1 - 1e-6) or asked[1] > trained[1] * (1 + 1e-6):
-                warnings.warn(f"generate: {name} {asked[0]:.4g}-{asked[1]:.4g} reaches outside the training range "
-                              f"{trained[0]:.4g}-{trained[1]:.4g}; the model extrapolates there", stacklevel=2)
+            warn_beyond_training(name, asked, trained, "GeV" if name == "momentum" else "deg")
             u = rng.random(num_events)
             out[name] = (np.exp(np.log(asked[0]) + u * np.log(asked[1] / asked[0])) if name == "momentum"
                          else asked[0] + u * (asked[1] - asked[0]))

@@ -7,13 +7,12 @@ chosen incident energies from the saved :class:`GenerationState`, in the challen
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from fpcd.config import ConfigError, require_range
 from fpcd.data import calochallenge as cc
 from fpcd.data.standardisation import Standardisation
+from fpcd.runner.generation import warn_beyond_training
 
 MIN_LAYER_SHARE = 1e-6  # layer shares are modelled as log10(max(share, MIN_LAYER_SHARE)): an empty layer is the floor
 
@@ -96,9 +95,7 @@ class CaloChallengeGeneration:
         else:
             asked = tuple(float(v) for v in g.energy_range) or (low, high)
             energies = np.exp(rng.uniform(np.log(asked[0]), np.log(asked[1]), num_events))
-        if asked[0] < low * (1 - 1e-6) or asked[1] > high * (1 + 1e-6):
-            warnings.warn(f"generate: incident energies {asked[0]:.4g}-{asked[1]:.4g} MeV reach outside the training "
-                          f"range {low:.4g}-{high:.4g} MeV; the model extrapolates there", stacklevel=2)
+        warn_beyond_training("incident energies", asked, (low, high), "MeV")
         return {"incident_energies": energies}
 
     def generate_chunk(self, data, models, run, key, sampler, num_events, conditions):

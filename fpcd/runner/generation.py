@@ -71,6 +71,16 @@ def read_generation_state(workdir: str) -> dict:
         return json.load(f)["state"]
 
 
+def warn_beyond_training(what: str, asked, trained, unit: str = "") -> None:
+    """Warn, naming both ranges, when the ``asked`` (min, max) of a condition reaches beyond its
+    ``trained`` range (relative tolerance 1e-6): the model extrapolates there."""
+    (lo, hi), (t_lo, t_hi) = (tuple(float(v) for v in asked), tuple(float(v) for v in trained))
+    if lo < t_lo * (1 - 1e-6) or hi > t_hi * (1 + 1e-6):
+        unit = f" {unit}" if unit else ""
+        warnings.warn(f"generate: {what} {lo:.4g}-{hi:.4g}{unit} reaches outside the training range "
+                      f"{t_lo:.4g}-{t_hi:.4g}{unit}; the model extrapolates there", stacklevel=3)
+
+
 def resolve_sampler(cfg) -> tuple[str, dict, str | int]:
     """``(name, run, models)`` of ``generate.sampler``: a run of ``sampling.runs`` with the
     teacher's models (``"teacher"``), or ``student_<k>`` (the ``k``-step student's DDIM, models ``k``)."""
